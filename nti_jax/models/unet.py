@@ -1,0 +1,239 @@
+"""diffusers' UNet2DConditionModel for SD 1.x / 2.x in Flax, channels-last.
+
+Parameter names equal the diffusers state-dict names (dots included), so `convert.py` is a pure
+layout transform. Every attention layer takes an optional hook (see models/attention.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import Attention, AttentionHook, AttentionPlace
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
+
+
+def _per_block(value: Any, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+# Config keys whose non-default values change the architecture in ways this model does not have.
+_UNSUPPORTED = {
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "time_cond_proj_dim": None,
+    "resnet_time_scale_shift": "default",
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "time_embedding_type": "positional",
+    "center_input_sample": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "num_class_embeds": None,
+    "reverse_transformer_layers_per_block": None,
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "mid_block_only_cross_attention": None,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The architecture-defining subset of a diffusers UNet config (hashable)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    down_block_types: tuple = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: tuple = (2, 2, 2, 2)
+    heads: tuple = (8, 8, 8, 8)
+    transformer_layers_per_block: tuple = (1, 1, 1, 1)
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    use_linear_projection: bool = False
+    # Attention logits are float32 on the explicit path and bf16 keeps float32's range, so
+    # upcast_attention needs no separate code path; it is kept for the record.
+    upcast_attention: bool = False
+    sample_size: int = 64
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "UNetConfig":
+        bad = {k: cfg[k] for k, v in _UNSUPPORTED.items() if k in cfg and cfg[k] != v}
+        if bad:
+            raise ValueError(f"unsupported UNet config settings: {bad}")
+        n = len(cfg["block_out_channels"])
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        cad = cfg.get("cross_attention_dim", 768)
+        if isinstance(cad, (list, tuple)):
+            if len(set(cad)) != 1:
+                raise ValueError(f"per-block cross_attention_dim is not supported: {cad}")
+            cad = cad[0]
+        return cls(
+            in_channels=cfg.get("in_channels", 4),
+            out_channels=cfg.get("out_channels", 4),
+            down_block_types=tuple(cfg["down_block_types"]),
+            up_block_types=tuple(cfg["up_block_types"]),
+            block_out_channels=tuple(cfg["block_out_channels"]),
+            layers_per_block=_per_block(cfg.get("layers_per_block", 2), n),
+            heads=_per_block(heads, n),
+            transformer_layers_per_block=_per_block(cfg.get("transformer_layers_per_block", 1), n),
+            cross_attention_dim=cad,
+            norm_num_groups=cfg.get("norm_num_groups", 32),
+            norm_eps=cfg.get("norm_eps", 1e-5),
+            flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+            freq_shift=cfg.get("freq_shift", 0),
+            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+            upcast_attention=bool(cfg.get("upcast_attention", False)),
+            sample_size=cfg.get("sample_size", 64),
+        )
+
+
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
+    """diffusers' `get_timestep_embedding` (max period 10000), in float32."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    emb = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(emb), jnp.cos(emb)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class BasicTransformerBlock(nn.Module):
+    dim: int
+    heads: int
+    block: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, size, hook: Optional[AttentionHook]):
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+        d = self.dim // self.heads
+        path = ".".join(self.scope.path)
+        place = lambda kind: AttentionPlace(self.block, kind, size, f"{path}.{kind}")
+        attn = lambda name: Attention(self.heads, d, dtype=self.dtype, name=name)
+        x = x + attn("attn1")(ln("norm1")(x), None, hook, place("self"))
+        x = x + attn("attn2")(ln("norm2")(x), context, hook, place("cross"))
+        h = nn.Dense(self.dim * 8, dtype=self.dtype, name="ff.net.0.proj")(ln("norm3")(x))
+        h, gate = jnp.split(h, 2, axis=-1)
+        h = h * nn.gelu(gate, approximate=False)
+        return x + nn.Dense(self.dim, dtype=self.dtype, name="ff.net.2")(h)
+
+
+class Transformer2D(nn.Module):
+    """diffusers `Transformer2DModel` (continuous input): norm, proj_in, blocks, proj_out, residual."""
+
+    heads: int
+    depth: int
+    groups: int
+    use_linear: bool
+    block: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, hook=None):
+        b, h, w, c = x.shape
+        y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        if self.use_linear:
+            y = nn.Dense(c, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
+        else:
+            y = conv(c, 1, "proj_in", self.dtype)(y).reshape(b, h * w, c)
+        for i in range(self.depth):
+            y = BasicTransformerBlock(
+                c, self.heads, self.block, self.dtype, name=f"transformer_blocks.{i}"
+            )(y, context, (h, w), hook)
+        if self.use_linear:
+            y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
+        else:
+            y = conv(c, 1, "proj_out", self.dtype)(y.reshape(b, h, w, c))
+        return y + x
+
+
+class UNet2DConditionModel(nn.Module):
+    """eps (or v) = unet(latents NHWC, timesteps (B,), text context (B, L, D), hook)."""
+
+    config: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        context: jax.Array,
+        hook: Optional[AttentionHook] = None,
+    ) -> jax.Array:
+        cfg, dt = self.config, self.dtype
+        res = lambda ch, name: ResnetBlock2D(ch, cfg.norm_num_groups, cfg.norm_eps, dt, name=name)
+        xf = lambda i, block, name: Transformer2D(
+            cfg.heads[i],
+            cfg.transformer_layers_per_block[i],
+            cfg.norm_num_groups,
+            cfg.use_linear_projection,
+            block,
+            dt,
+            name=name,
+        )
+        sample = sample.astype(dt)
+        context = context.astype(dt)
+        t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        c0 = cfg.block_out_channels[0]
+        temb = timestep_embedding(t, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dt)
+        temb = nn.Dense(4 * c0, dtype=dt, name="time_embedding.linear_1")(temb)
+        temb = nn.Dense(4 * c0, dtype=dt, name="time_embedding.linear_2")(nn.silu(temb))
+
+        x = conv(c0, 3, "conv_in", dt)(sample)
+        skips = [x]
+        n = len(cfg.block_out_channels)
+        for i, kind in enumerate(cfg.down_block_types):
+            ch = cfg.block_out_channels[i]
+            for j in range(cfg.layers_per_block[i]):
+                x = res(ch, f"down_blocks.{i}.resnets.{j}")(x, temb)
+                if kind == "CrossAttnDownBlock2D":
+                    x = xf(i, "down", f"down_blocks.{i}.attentions.{j}")(x, context, hook)
+                elif kind != "DownBlock2D":
+                    raise ValueError(f"unsupported down block type {kind!r}")
+                skips.append(x)
+            if i < n - 1:
+                x = Downsample2D(ch, dtype=dt, name=f"down_blocks.{i}.downsamplers.0")(x)
+                skips.append(x)
+
+        ch = cfg.block_out_channels[-1]
+        x = res(ch, "mid_block.resnets.0")(x, temb)
+        x = xf(n - 1, "mid", "mid_block.attentions.0")(x, context, hook)
+        x = res(ch, "mid_block.resnets.1")(x, temb)
+
+        rev = list(reversed(range(n)))
+        for i, kind in enumerate(cfg.up_block_types):
+            bi = rev[i]
+            ch = cfg.block_out_channels[bi]
+            for j in range(cfg.layers_per_block[bi] + 1):
+                x = jnp.concatenate([x, skips.pop()], axis=-1)
+                x = res(ch, f"up_blocks.{i}.resnets.{j}")(x, temb)
+                if kind == "CrossAttnUpBlock2D":
+                    x = xf(bi, "up", f"up_blocks.{i}.attentions.{j}")(x, context, hook)
+                elif kind != "UpBlock2D":
+                    raise ValueError(f"unsupported up block type {kind!r}")
+            if i < n - 1:
+                x = Upsample2D(ch, dtype=dt, name=f"up_blocks.{i}.upsamplers.0")(x)
+
+        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out")(x)
+        x = conv(cfg.out_channels, 3, "conv_out", dt)(nn.silu(x))
+        return x.astype(jnp.float32)

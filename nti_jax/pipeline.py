@@ -1,0 +1,252 @@
+"""A loaded Stable Diffusion: Flax modules, their params, the tokenizer and scheduler settings.
+
+`load_pipeline` reads a local diffusers folder or a hub id (through huggingface_hub's cache,
+safetensors only). Each operation is one jitted function whose modules are static, so a second
+call with the same shapes never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from functools import partial
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .convert import from_torch_layout, load_state
+from .errors import ModelError, PromptError
+from .models import (
+    AttentionHook,
+    AutoencoderKL,
+    CLIPTextConfig,
+    CLIPTextModel,
+    UNet2DConditionModel,
+    UNetConfig,
+    VAEConfig,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_COMPONENT_FILES = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+
+
+@partial(jax.jit, static_argnums=0)
+def _encode_prompt(text: CLIPTextModel, params, ids):
+    return text.apply({"params": params}, ids)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _encode_image(vae: AutoencoderKL, scaling: float, params, images):
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    mean, _ = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
+    return mean * scaling
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _decode_latents(vae: AutoencoderKL, scaling: float, params, latents):
+    x = vae.apply({"params": params}, latents.astype(jnp.float32) / scaling, method=AutoencoderKL.decode)
+    return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+@partial(jax.jit, static_argnums=0)
+def _predict_noise(unet: UNet2DConditionModel, params, latents, timesteps, context):
+    return unet.apply({"params": params}, latents, timesteps, context)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """Stable Diffusion for inversion and editing. Arrays are NHWC; params are float32 masters."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    params: dict  # {"unet": ..., "vae": ..., "text_encoder": ...}
+    tokenizer: Any
+    scheduler_config: dict
+    name: str = ""
+
+    @property
+    def dtype(self) -> str:
+        return jnp.dtype(self.unet.dtype).name
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.config.scaling_factor
+
+    @property
+    def latent_factor(self) -> int:
+        return self.vae.config.downscale
+
+    @property
+    def image_size(self) -> int:
+        """The model's native square image size in pixels."""
+        return self.unet.config.sample_size * self.latent_factor
+
+    @property
+    def max_tokens(self) -> int:
+        return self.text_encoder.config.max_position_embeddings
+
+    def unet_fn(self, params, latents, timesteps, context, hook: Optional[AttentionHook] = None):
+        """The UNet as a pure function of its params, for use inside other jitted programs."""
+        return self.unet.apply({"params": params}, latents, timesteps, context, hook)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids (B, 77), padded; a prompt longer than 77 tokens is a PromptError."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        n = self.max_tokens
+        ids = []
+        for p in prompts:
+            if not isinstance(p, str):
+                raise PromptError(f"prompt must be a string, got {type(p).__name__}")
+            tok = self.tokenizer(p, padding="max_length", max_length=n, truncation=False)["input_ids"]
+            if len(tok) > n:
+                raise PromptError(f"prompt has {len(tok)} tokens, more than the model's {n}: {p!r}")
+            ids.append(tok)
+        return np.asarray(ids, dtype=np.int32)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+        """Text embeddings (B, 77, D) in float32."""
+        return _encode_prompt(self.text_encoder, self.params["text_encoder"], self.tokenize(prompts))
+
+    def encode_image(self, images) -> jax.Array:
+        """uint8 (B, H, W, 3) -> VAE posterior mean x scaling_factor, (B, H/f, W/f, C)."""
+        images = jnp.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (B, H, W, 3), got {images.shape}")
+        return _encode_image(self.vae, self.scaling_factor, self.params["vae"], images)
+
+    def decode_latents(self, latents) -> jax.Array:
+        """Latents (B, h, w, C) -> float images in [0, 1], (B, H, W, 3)."""
+        return _decode_latents(self.vae, self.scaling_factor, self.params["vae"], jnp.asarray(latents))
+
+    def predict_noise(self, latents, timestep, text_emb) -> jax.Array:
+        """The UNet's output (eps or v, as `scheduler_config['prediction_type']` says), float32."""
+        return _predict_noise(self.unet, self.params["unet"], jnp.asarray(latents), jnp.asarray(timestep), jnp.asarray(text_emb))
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ModelError(f"missing {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve_model(model: str) -> str:
+    """A local folder as is; otherwise a hub id resolved through huggingface_hub's cache."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model) or model.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {model} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise ModelError(f"{model} is not a folder and huggingface_hub is not installed") from None
+    errors = []
+    for local_only in (False, True):
+        try:
+            return snapshot_download(model, allow_patterns=_COMPONENT_FILES, local_files_only=local_only)
+        except Exception as e:  # network, auth, not cached: all end in one message
+            errors.append(type(e).__name__)
+    raise ModelError(
+        f"model {model!r} is not a local folder, could not be downloaded and is not in the Hugging Face "
+        f"cache ({', '.join(errors)}); on a machine with internet run `hf download {model}` or pass a "
+        "local diffusers folder with --model"
+    )
+
+
+def build_modules(unet_config: dict, vae_config: dict, text_config: dict, dtype: str = "float32"):
+    """Flax modules from diffusers/transformers config dicts (the VAE always in float32)."""
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dt = DTYPES[dtype]
+    try:
+        unet = UNet2DConditionModel(UNetConfig.from_diffusers(unet_config), dt)
+        vae = AutoencoderKL(VAEConfig.from_diffusers(vae_config))  # float32: diffusers' force_upcast
+        text = CLIPTextModel(CLIPTextConfig.from_transformers(text_config), dt)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"unsupported or malformed model config: {e}") from None
+    return unet, vae, text
+
+
+def param_shapes(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel) -> dict:
+    """Shape trees of the three param sets (no allocation); also the init recipe for training."""
+    return jax.eval_shape(lambda: init_params(unet, vae, text, jax.random.PRNGKey(0)))
+
+
+def init_params(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel, key) -> dict:
+    """Random float32 params for the three networks."""
+    uc, vc = unet.config, vae.config
+    s, f = uc.sample_size, vc.downscale
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "unet": unet.init(
+            k1, jnp.zeros((1, s, s, uc.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 8, uc.cross_attention_dim))
+        )["params"],
+        "vae": vae.init(k2, jnp.zeros((1, 8 * f, 8 * f, vc.in_channels)))["params"],
+        "text_encoder": text.init(k3, jnp.zeros((1, 8), jnp.int32))["params"],
+    }
+
+
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = False) -> Pipeline:
+    """Load a diffusers-format SD 1.x/2.x folder or hub id. `dtype` is the UNet/text compute dtype."""
+    folder = resolve_model(model)
+    sub = lambda name: os.path.join(folder, name)
+    configs = {k: _read_json(sub(f"{k}/config.json")) for k in _WEIGHT_FILES}
+    sched = _read_json(sub("scheduler/scheduler_config.json"))
+    unet, vae, text = build_modules(configs["unet"], configs["vae"], configs["text_encoder"], dtype)
+    templates = param_shapes(unet, vae, text)
+    params = {
+        k: jax.tree_util.tree_map(
+            jnp.asarray,
+            from_torch_layout(load_state(sub(k), base, allow_pickle=allow_pickle), templates[k], what=k),
+        )
+        for k, base in _WEIGHT_FILES.items()
+    }
+    try:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(sub("tokenizer"))
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"cannot load the tokenizer from {sub('tokenizer')}: {e}") from None
+    return Pipeline(unet, vae, text, params, tokenizer, sched, name=model)
+
+
+def save_pipeline(folder: str, configs: dict, params: dict, scheduler_config: dict, tokenizer_dir: str) -> str:
+    """Write a diffusers-format folder (float32 safetensors) that `load_pipeline` and diffusers read.
+
+    `configs` holds the raw config dicts under "unet", "vae", "text_encoder".
+    """
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from .convert import to_torch_layout
+
+    for k, base in _WEIGHT_FILES.items():
+        os.makedirs(os.path.join(folder, k), exist_ok=True)
+        with open(os.path.join(folder, k, "config.json"), "w") as f:
+            json.dump(configs[k], f, indent=2)
+        save_file(to_torch_layout(params[k], np.float32), os.path.join(folder, k, f"{base}.safetensors"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(scheduler_config, f, indent=2)
+    if os.path.abspath(tokenizer_dir) != os.path.abspath(os.path.join(folder, "tokenizer")):
+        shutil.copytree(tokenizer_dir, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return folder

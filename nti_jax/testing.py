@@ -1,0 +1,138 @@
+"""Tiny random Stable Diffusion folders built with torch diffusers/transformers (tests, benchmarks).
+
+Needs the test extras (torch, diffusers, transformers); nothing at run time imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "toy", "model", "tokenizer")
+
+SD1_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+UNET_SD1 = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+)
+UNET_SD2 = dict(
+    UNET_SD1,
+    attention_head_dim=(2, 4, 8),
+    use_linear_projection=True,
+    upcast_attention=True,
+    transformer_layers_per_block=(1, 2, 1),
+    cross_attention_dim=48,
+    freq_shift=1,
+    flip_sin_to_cos=False,
+    layers_per_block=1,
+)
+VAE_TINY = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    scaling_factor=0.5,
+)
+TEXT_TINY = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+
+def perturb_(module, seed: int, std: float = 0.02) -> None:
+    """Add noise to every parameter so no weight is a trivial init value (ones, zeros)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def tiny_unet(config: dict, seed: int = 0):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(**config).eval()
+    perturb_(m, seed)
+    return m
+
+
+def tiny_vae(config: dict = VAE_TINY, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    m = AutoencoderKL(**config).eval()
+    perturb_(m, seed)
+    return m
+
+
+def tiny_text_encoder(config: dict = TEXT_TINY, seed: int = 0):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    m = CLIPTextModel(CLIPTextConfig(**config)).eval()
+    perturb_(m, seed)
+    return m
+
+
+def save_sd_folder(folder: str, unet, vae, text_encoder, scheduler: dict = SD1_SCHEDULER) -> str:
+    """Write a diffusers-format SD folder (safetensors) with the shipped CLIP tokenizer."""
+    os.makedirs(folder, exist_ok=True)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    shutil.copytree(TOKENIZER_DIR, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(scheduler, f, indent=2)
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline"}, f)
+    return folder
+
+
+def make_tiny_sd(folder: str, kind: str = "sd1", seed: int = 0) -> str:
+    """A complete tiny random SD folder: `sd1` (conv proj, eps) or `sd2` (linear proj, v-pred)."""
+    unet_cfg = UNET_SD1 if kind == "sd1" else UNET_SD2
+    text_cfg = dict(TEXT_TINY, hidden_size=unet_cfg["cross_attention_dim"])
+    sched = dict(SD1_SCHEDULER, prediction_type="epsilon" if kind == "sd1" else "v_prediction")
+    if kind == "sd2":
+        text_cfg["hidden_act"] = "gelu"
+    return save_sd_folder(folder, tiny_unet(unet_cfg, seed), tiny_vae(seed=seed), tiny_text_encoder(text_cfg, seed), sched)
