@@ -1,0 +1,1 @@
+"""Toy world (coloured shapes) and toy-model assets for nti-jax."""
