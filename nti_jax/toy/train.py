@@ -1,0 +1,241 @@
+"""Train the toy shapes-world Stable Diffusion with the project's own Flax modules.
+
+Stage 1 trains the VAE (L1 + MSE + small KL); stage 2 trains the UNet and the CLIP text encoder
+jointly on SD's noise schedule (epsilon prediction, 10% captions dropped to ""). Data are rendered
+on the fly from seeds, so nothing is stored but checkpoints (msgpack, in --workdir) and the
+exported diffusers folder. Seeded and resumable: rerun the same command to continue.
+
+    python -m nti_jax.toy.train --workdir ~/.cache/nti-jax/toy-train --export nti_jax/toy/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from .. import pipeline as pl
+from ..models import AutoencoderKL
+from ..schedule import train_alphas_cumprod
+from . import config as toy
+from .shapes import render_batch
+
+TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "model", "tokenizer")
+EVAL_SEED0 = 1_000_000_000  # held-out images use seeds from here; training seeds stay below
+
+
+def _modules():
+    return pl.build_modules(toy.UNET, toy.VAE, toy.TEXT_ENCODER)
+
+
+def _ema(ema, params, decay):
+    return jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+
+def _wd_mask(params):
+    """No weight decay on embeddings, norms and biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", "") == "kernel", params
+    )
+
+
+def make_vae_step(vae: AutoencoderKL, opt):
+    def loss_fn(p, x, key):
+        mean, logvar = vae.apply({"params": p}, x, method=AutoencoderKL.encode)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        rec = vae.apply({"params": p}, z, method=AutoencoderKL.decode)
+        kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
+        return jnp.mean(jnp.abs(rec - x)) + jnp.mean((rec - x) ** 2) + 1e-5 * kl
+
+    @jax.jit
+    def step(p, opt_state, images, key):
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        loss, g = jax.value_and_grad(loss_fn)(p, x, key)
+        updates, opt_state = opt.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    return step
+
+
+def make_unet_step(unet, vae, text, opt, scaling: float, ema_decay: float):
+    ac = jnp.asarray(train_alphas_cumprod(toy.SCHEDULER))
+
+    def loss_fn(p, vae_p, images, ids, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        mean, logvar = vae.apply({"params": vae_p}, x, method=AutoencoderKL.encode)
+        z = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k1, mean.shape)) * scaling
+        t = jax.random.randint(k2, (z.shape[0],), 0, ac.shape[0])
+        noise = jax.random.normal(k3, z.shape)
+        a = ac[t][:, None, None, None]
+        zt = jnp.sqrt(a) * z + jnp.sqrt(1 - a) * noise
+        ctx = text.apply({"params": p["text_encoder"]}, ids)
+        pred = unet.apply({"params": p["unet"]}, zt, t, ctx)
+        return jnp.mean((pred - noise) ** 2)
+
+    @jax.jit
+    def step(p, ema, opt_state, vae_p, images, ids, key):
+        loss, g = jax.value_and_grad(loss_fn)(p, vae_p, images, ids, key)
+        updates, opt_state = opt.update(g, opt_state, p)
+        p = optax.apply_updates(p, updates)
+        return p, _ema(ema, p, ema_decay), opt_state, loss
+
+    return step
+
+
+class Captions:
+    """Token ids of captions, cached (the world has 216 of them, plus "")."""
+
+    def __init__(self):
+        from transformers import CLIPTokenizer
+
+        self.tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, captions) -> np.ndarray:
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = self.tok(c, padding="max_length", max_length=77)["input_ids"]
+        return np.asarray([self.cache[c] for c in captions], np.int32)
+
+
+def _save(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, state)))
+    os.replace(tmp, path)
+
+
+def _load(path: str):
+    with open(path, "rb") as f:
+        return serialization.msgpack_restore(f.read())
+
+
+def latent_scaling(vae, vae_p, n: int = 512) -> float:
+    """1 / std of the posterior means over training images (SD's recipe for scaling_factor)."""
+    imgs, _, _ = render_batch(range(EVAL_SEED0 + 10_000, EVAL_SEED0 + 10_000 + n), toy.IMAGE_SIZE)
+    enc = jax.jit(lambda p, x: vae.apply({"params": p}, x / 127.5 - 1.0, method=AutoencoderKL.encode)[0])
+    mean = np.concatenate([np.asarray(enc(vae_p, jnp.asarray(imgs[i : i + 64], jnp.float32))) for i in range(0, n, 64)])
+    return float(1.0 / mean.std())
+
+
+def export(folder: str, params: dict, scaling: float) -> None:
+    """Write the diffusers folder atomically (temp folder + rename)."""
+    import shutil
+
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    configs = {"unet": toy.UNET, "vae": dict(toy.VAE, scaling_factor=scaling), "text_encoder": toy.TEXT_ENCODER}
+    tok_src = os.path.join(tmp, "_tok")
+    shutil.copytree(TOKENIZER_DIR, tok_src)
+    pl.save_pipeline(tmp, configs, params, toy.SCHEDULER, tok_src)
+    shutil.rmtree(tok_src)
+    if os.path.isdir(folder):
+        for k in ("unet", "vae", "text_encoder", "scheduler", "model_index.json"):
+            p = os.path.join(folder, k)
+            shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+    os.makedirs(folder, exist_ok=True)
+    for k in os.listdir(tmp):
+        os.replace(os.path.join(tmp, k), os.path.join(folder, k))
+    shutil.rmtree(tmp)
+
+
+def train(args) -> None:
+    os.makedirs(args.workdir, exist_ok=True)
+    log = open(os.path.join(args.workdir, "log.txt"), "a")
+
+    def say(msg):
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    unet, vae, text = _modules()
+    ckpt = os.path.join(args.workdir, "state.msgpack")
+    init = pl.init_params(unet, vae, text, jax.random.PRNGKey(args.seed))
+    rng = np.random.default_rng(args.seed)
+
+    # ---- stage 1: VAE
+    vae_sched = optax.warmup_cosine_decay_schedule(0.0, args.vae_lr, 100, args.vae_steps, args.vae_lr * 0.05)
+    vae_opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(vae_sched))
+    state = _load(ckpt) if os.path.exists(ckpt) else None
+    if state is None or state["stage"] == "vae":
+        vae_p = init["vae"] if state is None else state["vae"]
+        vae_os = vae_opt.init(vae_p)
+        vae_os = vae_os if state is None else serialization.from_state_dict(vae_os, state["opt"])
+        step0 = 0 if state is None else int(state["step"])
+        vstep = make_vae_step(vae, vae_opt)
+        t0, losses = time.time(), []
+        for s in range(step0, args.vae_steps):
+            seeds = range(s * args.vae_batch, (s + 1) * args.vae_batch)
+            imgs, _, _ = render_batch(seeds, toy.IMAGE_SIZE)
+            vae_p, vae_os, loss = vstep(vae_p, vae_os, imgs, jax.random.PRNGKey(s))
+            losses.append(loss)
+            if (s + 1) % 50 == 0:
+                say(f"vae step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {50 / (time.time() - t0):.2f} steps/s")
+                t0, losses = time.time(), []
+            if (s + 1) % 250 == 0 or s + 1 == args.vae_steps:
+                _save(ckpt, {"stage": "vae", "step": s + 1, "vae": vae_p, "opt": serialization.to_state_dict(vae_os)})
+        scaling = latent_scaling(vae, vae_p)
+        say(f"vae done; scaling_factor {scaling:.4f}")
+        params = {"unet": init["unet"], "text_encoder": init["text_encoder"]}
+        state = {"stage": "unet", "step": 0, "vae": vae_p, "scaling": scaling, "params": params, "ema": params, "opt": None}
+        _save(ckpt, state)
+
+    # ---- stage 2: UNet + text encoder
+    vae_p, scaling = state["vae"], float(state["scaling"])
+    params, ema = state["params"], state["ema"]
+    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, 200, args.unet_steps, args.lr * 0.1)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-2, mask=_wd_mask))
+    opt_state = opt.init(params)
+    if state["opt"] is not None:
+        opt_state = serialization.from_state_dict(opt_state, state["opt"])
+    ustep = make_unet_step(unet, vae, text, opt, scaling, args.ema)
+    captions = Captions()
+    t0, losses = time.time(), []
+    step0 = int(state["step"])
+    rng = np.random.default_rng(args.seed + step0)
+    for s in range(step0, args.unet_steps):
+        seeds = range(s * args.batch, (s + 1) * args.batch)
+        imgs, _, caps = render_batch(seeds, toy.IMAGE_SIZE)
+        caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < args.dropout)]
+        params, ema, opt_state, loss = ustep(params, ema, opt_state, vae_p, imgs, captions(caps), jax.random.PRNGKey(10**7 + s))
+        losses.append(loss)
+        if (s + 1) % 100 == 0:
+            say(f"unet step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {100 / (time.time() - t0):.2f} steps/s")
+            t0, losses = time.time(), []
+        last = s + 1 == args.unet_steps
+        if (s + 1) % args.ckpt_every == 0 or last:
+            _save(ckpt, {"stage": "unet", "step": s + 1, "vae": vae_p, "scaling": scaling, "params": params,
+                         "ema": ema, "opt": serialization.to_state_dict(opt_state)})
+        if args.export and ((s + 1) % args.export_every == 0 or last):
+            export(args.export, {"vae": vae_p, **ema}, scaling)
+            say(f"exported EMA weights at step {s + 1} to {args.export}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/nti-jax/toy-train"))
+    ap.add_argument("--export", default=None, help="diffusers folder to write the EMA model to")
+    ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--unet-steps", type=int, default=20000)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--ckpt-every", type=int, default=500)
+    ap.add_argument("--export-every", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    train(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
