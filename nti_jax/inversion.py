@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -197,35 +197,62 @@ def null_text_optimisation(
     return swap(phis), swap(iters), swap(last), swap(bad)
 
 
-@partial(jax.jit, static_argnames=("pipe_unet", "prediction_type", "method", "progress"))
-def _invert_program(
-    pipe_unet,
-    params,
-    prediction_type: str,
-    method: str,
-    progress,
-    sched: Schedule,
-    z0,
-    cond,
-    null,
-    guidance,
-    num_inner_steps,
-    early_stop_epsilon,
-):
-    unet_fn = lambda x, t, c, hook=None: pipe_unet.apply({"params": params}, x, t, c, hook)
+class InvertInputs(NamedTuple):
+    """Everything the compiled program needs for a batch, prepared on the host."""
+
+    z0: jax.Array  # (B, h, w, C)
+    cond: jax.Array  # (B, L, D)
+    null: jax.Array  # (B, L, D), the "" embedding per row
+    sched: Schedule
+
+
+class InvertSettings(NamedTuple):
+    method: str
+    num_steps: int
+    guidance_scale: float
+    num_inner_steps: int
+    early_stop_epsilon: float
+    prediction_type: str
+
+
+def invert_core(unet, params, prediction_type: str, method: str, progress, sched, z0, cond, null, guidance, num_inner_steps, early_stop_epsilon):
+    """The whole inversion of a batch, unjitted (`invert_program` jits it; parallel.py shards it).
+
+    Returns (pivots, phi, inner_iterations, final_losses, nonfinite).
+    """
+    unet_fn = lambda x, t, c, hook=None: unet.apply({"params": params}, x, t, c, hook)
     pivots = ddim_pivots(unet_fn, prediction_type, sched, z0, cond)
     b, n = z0.shape[0], sched.timesteps.shape[0]
     if method == "null-text":
-        phi, iters, losses, bad = null_text_optimisation(
+        return (pivots,) + null_text_optimisation(
             unet_fn, prediction_type, sched, pivots, cond, null, guidance, num_inner_steps, early_stop_epsilon, progress
         )
-    else:
-        source = cond if method == "negative-prompt" else null
-        phi = jnp.broadcast_to(source[:, None], (b, n) + source.shape[1:])
-        iters = jnp.zeros((b, n), jnp.int32)
-        losses = jnp.zeros((b, n), jnp.float32)
-        bad = jnp.broadcast_to(~jnp.all(jnp.isfinite(pivots), axis=(2, 3, 4))[:, 1:], (b, n))
-    return pivots, phi, iters, losses, bad
+    source = cond if method == "negative-prompt" else null
+    phi = jnp.broadcast_to(source[:, None], (b, n) + source.shape[1:])
+    bad = jnp.broadcast_to(~jnp.all(jnp.isfinite(pivots), axis=(2, 3, 4))[:, 1:], (b, n))
+    return pivots, phi, jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.float32), bad
+
+
+CORE_STATIC = ("unet", "prediction_type", "method", "progress")
+invert_program = jax.jit(invert_core, static_argnames=CORE_STATIC)
+
+
+def core_args(pipe: Pipeline, inputs: InvertInputs, settings: InvertSettings, progress=None) -> dict:
+    """Keyword arguments of `invert_core` for a prepared batch."""
+    return dict(
+        unet=pipe.unet,
+        params=pipe.params["unet"],
+        prediction_type=settings.prediction_type,
+        method=settings.method,
+        progress=progress,
+        sched=inputs.sched,
+        z0=inputs.z0,
+        cond=inputs.cond,
+        null=inputs.null,
+        guidance=jnp.float32(settings.guidance_scale),
+        num_inner_steps=jnp.int32(settings.num_inner_steps),
+        early_stop_epsilon=jnp.float32(settings.early_stop_epsilon),
+    )
 
 
 def _as_list(x, what: str) -> list:
@@ -236,6 +263,50 @@ def _as_list(x, what: str) -> list:
     if len(x) == 0:
         raise ValueError(f"no {what} given")
     return list(x)
+
+
+def check_settings(
+    pipe: Pipeline, method: str, num_steps: int, guidance_scale: float, num_inner_steps: int, early_stop_epsilon: float
+) -> InvertSettings:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if num_inner_steps < 0:
+        raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
+    pred = pipe.scheduler_config.get("prediction_type", "epsilon")
+    return InvertSettings(method, int(num_steps), float(guidance_scale), int(num_inner_steps), float(early_stop_epsilon), pred)
+
+
+def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], num_steps: int) -> InvertInputs:
+    """Encode a batch of uint8 square images (already at the model's size) and their prompts."""
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise PromptError(f"the source prompt must be a non-empty caption of the image, got {p!r}")
+    emb = pipe.encode_prompt(list(prompts) + [""])
+    cond, null = emb[:-1], jnp.broadcast_to(emb[-1:], emb[:-1].shape)
+    z0 = pipe.encode_image(np.stack(images))
+    return InvertInputs(z0, cond, null, Schedule(*map(jnp.asarray, ddim_schedule(pipe.scheduler_config, num_steps))))
+
+
+def assemble(pipe: Pipeline, inputs: InvertInputs, settings: InvertSettings, prompts: Sequence[str], outputs) -> Inversion:
+    """An `Inversion` from the program's outputs."""
+    pivots, phi, iters, losses, bad = outputs
+    meta = settings._asdict()
+    method = meta.pop("method")
+    meta["image_size"] = pipe.image_size
+    return Inversion(
+        x_T=pivots[:, -1],
+        pivots=pivots,
+        null_embeddings=phi,
+        cond_embeddings=inputs.cond,
+        timesteps=inputs.sched.timesteps,
+        inner_iterations=iters,
+        final_losses=losses,
+        nonfinite=bad,
+        method=method,
+        prompts=tuple(prompts),
+        settings=tuple(sorted(meta.items())),
+        model=pipe.name,
+    )
 
 
 def invert(
@@ -253,69 +324,25 @@ def invert(
 ) -> Inversion:
     """Invert one image or a batch (each with its own prompt) into an `Inversion`.
 
-    `image`: a path, PIL image or uint8 HxWx3 array (or a list of them), centre-cropped to a square
-    and resized to the model's size; `crop` = (left, right, top, bottom) pixels trimmed first.
-    `method`: "null-text" (the paper), "negative-prompt" (phi_t = the prompt's embedding),
-    "ddim" (phi_t = the "" embedding; the paper's failing baseline at w > 1) or "direct" (the
-    "ddim" embeddings, reconstructed by pinning the source branch to the pivots, as PnP Inversion).
-    The early stop is exactly `loss < early_stop_epsilon + i * 2e-5` (negative disables it).
-    `progress(i)` is called from the device after each null-text step (i = 0..T-1).
+    `image`: a path, PIL image or uint8 HxWx3 array (or a list of them, or a (B,H,W,3) array),
+    centre-cropped to a square and resized to the model's size; `crop` = (left, right, top,
+    bottom) pixels trimmed first. `method`: "null-text" (the paper), "negative-prompt" (phi_t = the
+    prompt's embedding), "ddim" (phi_t = the "" embedding; the paper's failing baseline at w > 1)
+    or "direct" (the "ddim" embeddings, with the source branch pinned to the pivots while sampling,
+    as PnP Inversion). The early stop is exactly `loss < early_stop_epsilon + i * 2e-5` (negative
+    disables it). `progress(i)` is called from the device after each null-text step.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if num_inner_steps < 0:
-        raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
+    settings = check_settings(pipe, method, num_steps, guidance_scale, num_inner_steps, early_stop_epsilon)
     images = _as_list(image, "images")
     prompts = _as_list(prompt, "prompts")
     if len(prompts) == 1 and len(images) > 1:
         prompts = prompts * len(images)
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    for p in prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise PromptError(f"the source prompt must be a non-empty caption of the image, got {p!r}")
-    pixels = np.stack([load_image(im, pipe.image_size, crop) for im in images])
-    z0 = pipe.encode_image(pixels)
-    emb = pipe.encode_prompt(prompts + [""])
-    cond, null = emb[:-1], jnp.broadcast_to(emb[-1:], emb[:-1].shape)
-    sched = ddim_schedule(pipe.scheduler_config, num_steps)
-    pred = pipe.scheduler_config.get("prediction_type", "epsilon")
-    pivots, phi, iters, losses, bad = _invert_program(
-        pipe.unet,
-        pipe.params["unet"],
-        pred,
-        method,
-        progress,
-        Schedule(*map(jnp.asarray, sched)),
-        z0,
-        cond,
-        null,
-        jnp.float32(guidance_scale),
-        jnp.int32(num_inner_steps),
-        jnp.float32(early_stop_epsilon),
-    )
-    settings = dict(
-        num_steps=num_steps,
-        guidance_scale=float(guidance_scale),
-        num_inner_steps=num_inner_steps,
-        early_stop_epsilon=float(early_stop_epsilon),
-        prediction_type=pred,
-        image_size=pipe.image_size,
-    )
-    return Inversion(
-        x_T=pivots[:, -1],
-        pivots=pivots,
-        null_embeddings=phi,
-        cond_embeddings=cond,
-        timesteps=jnp.asarray(sched.timesteps),
-        inner_iterations=iters,
-        final_losses=losses,
-        nonfinite=bad,
-        method=method,
-        prompts=tuple(prompts),
-        settings=tuple(sorted(settings.items())),
-        model=pipe.name,
-    )
+    pixels = [load_image(im, pipe.image_size, crop) for im in images]
+    inputs = prepare_inputs(pipe, pixels, prompts, num_steps)
+    outputs = invert_program(**core_args(pipe, inputs, settings, progress))
+    return assemble(pipe, inputs, settings, prompts, outputs)
 
 
 @partial(jax.jit, static_argnames=("pipe_unet", "prediction_type", "direct"))
