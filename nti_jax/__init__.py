@@ -2,9 +2,16 @@
 
 from .errors import ImageError, ModelError, NtiError, OptimisationError, PromptError
 from .inversion import Inversion, invert, reconstruct
+from .p2p import LocalBlend, Refine, Replace, Reweight, attention_maps, edit
 from .pipeline import Pipeline, load_pipeline
 
 __all__ = [
+    "LocalBlend",
+    "Refine",
+    "Replace",
+    "Reweight",
+    "attention_maps",
+    "edit",
     "ImageError",
     "Inversion",
     "ModelError",

@@ -1,0 +1,154 @@
+"""Prompt-to-Prompt editing: identities, controller closed forms, errors, compile-once."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nti_jax
+from nti_jax import p2p, testing
+from nti_jax.errors import PromptError
+
+SRC = "a red circle on a blue background"
+# XLA's CPU convolutions round differently for different batch sizes (measured: 1.5e-6 on one
+# UNet call of this model, batch 2 vs 4; every op alone is batch-invariant, a stride-2 conv on
+# 8x8 maps is not), and this random model amplifies that through 10 CFG steps at w = 7.5 to
+# ~4e-5 on the image; rows at different places of one batch differ alike. Identities between
+# rows are therefore checked at 1e-4 here (benchmarks/quality.py measures them on the toy model).
+BATCH_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return nti_jax.load_pipeline(testing.make_tiny_sd(str(tmp_path_factory.mktemp("sd1")), "sd1", seed=11))
+
+
+@pytest.fixture(scope="module")
+def inv(pipe):
+    img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    return nti_jax.invert(pipe, img, SRC, num_steps=10, num_inner_steps=3)
+
+
+@pytest.fixture(scope="module")
+def recon(pipe, inv):
+    return np.asarray(nti_jax.reconstruct(pipe, inv)[0][0])
+
+
+def test_identity_edits_reproduce_the_reconstruction(pipe, inv, recon):
+    out = nti_jax.edit(pipe, inv, [SRC], controller=nti_jax.Replace())
+    assert out.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(out[0], recon, atol=BATCH_TOL)
+    np.testing.assert_allclose(out[1], out[0], atol=BATCH_TOL)
+    rw = nti_jax.edit(pipe, inv, [SRC], controller=nti_jax.Reweight(equalizer={"red": 1.0}))
+    np.testing.assert_allclose(rw[1], out[0], atol=BATCH_TOL)
+
+
+def test_source_row_of_a_batch_of_three_is_the_reconstruction(pipe, inv, recon):
+    out = nti_jax.edit(pipe, inv, ["a green circle on a blue background", "a red square on a blue background"])
+    assert out.shape == (3, 64, 64, 3)
+    np.testing.assert_allclose(out[0], recon, atol=BATCH_TOL)
+    assert np.abs(out[1] - recon).max() > 1e-3  # the targets did change
+
+
+def test_one_compile_per_prompt_batch_shape(pipe, inv):
+    nti_jax.edit(pipe, inv, ["a blue circle on a blue background"], controller=nti_jax.Replace())
+    before = p2p._edit_program._cache_size()
+    nti_jax.edit(pipe, inv, ["a yellow circle on a blue background"], controller=nti_jax.Replace())
+    nti_jax.edit(pipe, inv, ["a red circle on a gray background"], controller=nti_jax.Replace(cross_replace_steps=0.5))
+    assert p2p._edit_program._cache_size() == before
+
+
+def test_local_blend_keeps_the_source_outside_the_mask(pipe, inv):
+    target = "a green circle on a blue background"
+    cond = jnp.concatenate([inv.cond_embeddings, pipe.encode_prompt([target])])
+    sched = nti_jax.inversion.inversion_schedule(pipe, inv)
+
+    def run(threshold):
+        ctrl = nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], threshold=threshold, start=0.2))
+        static, arr = p2p.compile_controller(pipe, ctrl, SRC, [target], 10, 16, False)
+        z, maps = p2p._edit_program(pipe.unet, pipe.params["unet"], "epsilon", static, True, arr, sched, inv.x_T,
+                                    cond, inv.null_embeddings[0], inv.pivots[0], jnp.float32(7.5))
+        return np.asarray(z), np.asarray(p2p._blend_mask(static, arr, jnp.asarray(maps) * 10, 16))[1, ..., 0]
+
+    # A random model's attention is nearly flat: pick a threshold that gives a partial mask.
+    for th in np.linspace(0.5, 0.999, 30):
+        z, mask = run(float(th))
+        if 0.2 < mask.mean() < 0.8:
+            break
+    assert 0 < mask.mean() < 1, "the test needs a partial mask"
+    same = np.all(z[1] == z[0], axis=-1)
+    np.testing.assert_array_equal(same[~mask], True)
+    assert not same[mask].all()
+
+
+def test_controller_closed_forms():
+    rng = np.random.default_rng(0)
+    probs = jnp.asarray(rng.random((3, 2, 16, 5)), jnp.float32)  # R=3 rows, 2 heads, 4x4 queries, 5 tokens
+    place = nti_jax.models.AttentionPlace("down", "cross", (4, 4), "x")
+    perm = np.eye(5, dtype=np.float32)[[0, 2, 1, 3, 4]]
+    arr = p2p._Arrays(
+        cross_alpha=jnp.ones((1, 2, 5)), self_steps=jnp.array([True]),
+        mapper=jnp.asarray(np.stack([np.eye(5, dtype=np.float32), perm])), refine_alphas=jnp.ones((2, 5)),
+        equalizer=jnp.asarray([[1, 2, 1, 1, 1], [1, 1, 1, 1, 1]], jnp.float32),
+        blend_alpha=jnp.zeros((3, 5)), blend_threshold=jnp.float32(0.3),
+    )
+    st = p2p._Static("replace", 16, 4, 10, True, False)
+    out = np.asarray(p2p._edit_cond(st, arr, 0, probs, place))
+    p = np.asarray(probs)
+    np.testing.assert_array_equal(out[0], p[0])
+    np.testing.assert_allclose(out[1], p[0] * np.array([1, 2, 1, 1, 1]), rtol=1e-6)
+    np.testing.assert_allclose(out[2], p[0][..., [0, 2, 1, 3, 4]], rtol=1e-6)
+    # outside the cross window targets keep their own maps
+    out = np.asarray(p2p._edit_cond(st, arr.replace(cross_alpha=jnp.zeros((1, 2, 5))), 0, probs, place))
+    np.testing.assert_array_equal(out, p)
+    # refine: mapped tokens from the source, new tokens (alpha 0) their own
+    ref = arr.replace(mapper=jnp.asarray([[0, 1, 2, 3, 4], [0, 1, -1, 2, 3]]),
+                      refine_alphas=jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]], jnp.float32))
+    out = np.asarray(p2p._edit_cond(p2p._Static("refine", 16, 4, 10, False, False), ref, 0, probs, place))
+    np.testing.assert_allclose(out[2][..., [0, 1, 3, 4]], p[0][..., [0, 1, 2, 3]], rtol=1e-6)
+    np.testing.assert_allclose(out[2][..., 2], p[2][..., 2], rtol=1e-6)
+    # self-attention: replaced inside the window and only up to the size limit
+    self_place = nti_jax.models.AttentionPlace("up", "self", (4, 4), "y")
+    sp = jnp.asarray(rng.random((3, 2, 16, 16)), jnp.float32)
+    out = np.asarray(p2p._edit_cond(st, arr, 0, sp, self_place))
+    np.testing.assert_array_equal(out[1], np.asarray(sp)[0])
+    small = p2p._Static("replace", 9, 4, 10, True, False)
+    np.testing.assert_array_equal(np.asarray(p2p._edit_cond(small, arr, 0, sp, self_place)), np.asarray(sp))
+
+
+def test_prompt_errors_name_the_problem(pipe, inv):
+    with pytest.raises(PromptError, match="a big red circle"):
+        nti_jax.edit(pipe, inv, ["a big red circle on a blue background"], controller=nti_jax.Replace())
+    with pytest.raises(PromptError, match="'purple'"):
+        nti_jax.edit(pipe, inv, ["a green circle on a blue background"], controller=nti_jax.Reweight(equalizer={"purple": 2.0}))
+    with pytest.raises(PromptError, match="'star'"):
+        nti_jax.edit(pipe, inv, ["a green circle on a blue background"],
+                     controller=nti_jax.Replace(blend=nti_jax.LocalBlend([["star"], ["circle"]])))
+    with pytest.raises(PromptError, match="tokens"):
+        nti_jax.edit(pipe, inv, ["red " * 90])
+    with pytest.raises(PromptError, match="non-empty"):
+        nti_jax.edit(pipe, inv, [""])
+
+
+def test_refine_and_settings(pipe, inv, recon):
+    ctrl = p2p.controller_from_settings(SRC, ["a big red circle on a blue background"], {"kind": "auto"})
+    assert isinstance(ctrl, nti_jax.Refine)
+    out = nti_jax.edit(pipe, inv, ["a big red circle on a blue background"], controller=ctrl)
+    np.testing.assert_allclose(out[0], recon, atol=BATCH_TOL)
+    rw = p2p.controller_from_settings(SRC, ["a red circle on a blue background"], {"equalizer": {"red": 3}, "cross_replace_steps": {"default_": 0.8, "red": 0.3}})
+    assert isinstance(rw, nti_jax.Reweight) and rw.equalizer == {"red": 3}
+    with pytest.raises(ValueError, match="unknown edit settings: colour"):
+        p2p.controller_from_settings(SRC, [SRC], {"colour": 1})
+
+
+def test_attention_maps_and_grid(pipe, inv, tmp_path):
+    maps = nti_jax.attention_maps(pipe, inv)
+    assert maps.shape == (1, 8, 8, 77)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-4)  # softmax rows, averaged
+    labels = p2p.token_labels(pipe, SRC)
+    assert labels[1:3] == ["a", "red"]
+    img = np.asarray(nti_jax.reconstruct(pipe, inv)[0][0])
+    path = str(tmp_path / "maps.png")
+    p2p.save_attention_grid(img, maps[0], labels, path)
+    assert os.path.getsize(path) > 1000
