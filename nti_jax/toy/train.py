@@ -108,7 +108,8 @@ class Captions:
 def _save(path: str, state: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, state)))
+        arrays = jax.tree_util.tree_map(lambda x: x if isinstance(x, (str, int, float)) else np.asarray(x), state)
+        f.write(serialization.msgpack_serialize(arrays))
     os.replace(tmp, path)
 
 
@@ -126,23 +127,19 @@ def latent_scaling(vae, vae_p, n: int = 512) -> float:
 
 
 def export(folder: str, params: dict, scaling: float) -> None:
-    """Write the diffusers folder atomically (temp folder + rename)."""
+    """Write the diffusers folder: each component to a temp folder, then renamed into place."""
     import shutil
 
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     configs = {"unet": toy.UNET, "vae": dict(toy.VAE, scaling_factor=scaling), "text_encoder": toy.TEXT_ENCODER}
-    tok_src = os.path.join(tmp, "_tok")
-    shutil.copytree(TOKENIZER_DIR, tok_src)
-    pl.save_pipeline(tmp, configs, params, toy.SCHEDULER, tok_src)
-    shutil.rmtree(tok_src)
-    if os.path.isdir(folder):
-        for k in ("unet", "vae", "text_encoder", "scheduler", "model_index.json"):
-            p = os.path.join(folder, k)
-            shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+    pl.save_pipeline(tmp, configs, params, toy.SCHEDULER, TOKENIZER_DIR)
     os.makedirs(folder, exist_ok=True)
-    for k in os.listdir(tmp):
-        os.replace(os.path.join(tmp, k), os.path.join(folder, k))
+    for k in ("unet", "vae", "text_encoder", "scheduler", "model_index.json"):
+        dst = os.path.join(folder, k)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, k), dst)
     shutil.rmtree(tmp)
 
 
