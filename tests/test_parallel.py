@@ -1,0 +1,126 @@
+"""nti_jax.parallel: the sharded inversion program, host shares, results files, cache settings.
+
+The multi-device and multi-process runs themselves are exercised end to end in test_cli.py
+(subprocesses, since XLA flags and jax.distributed must be set before JAX starts).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import nti_jax
+from nti_jax import inversion, parallel, testing
+
+PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
+
+
+# The small UNet of test_cli.py (testing.UNET_SD1 cut to two levels of one layer), so the
+# compiled sharded program is shared when both files run in one session.
+UNET_MINI = dict(
+    testing.UNET_SD1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 32),
+    layers_per_block=1,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("mini-sd"))
+    testing.save_sd_folder(folder, testing.tiny_unet(UNET_MINI, 3), testing.tiny_vae(seed=3), testing.tiny_text_encoder(seed=3))
+    return nti_jax.load_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return list(np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+
+
+def test_sharded_program_equals_invert(pipe, images):
+    """On one device the shard_map-wrapped core computes what `nti_jax.invert` computes, and a
+    second batch of the same shape reuses the compiled program."""
+    kw = dict(num_steps=5, num_inner_steps=3, early_stop_epsilon=1.0)
+    ref = nti_jax.invert(pipe, images, PROMPTS, **kw)
+    mesh = parallel.local_mesh(jax.local_devices()[:1])
+    inverter = parallel.ShardedInverter(mesh)
+    settings = inversion.check_settings(pipe, "null-text", 5, 7.5, 3, 1.0)
+    replicas = parallel.device_replicas(pipe, mesh, inverter.unet_params(pipe))
+    inputs = inverter.prepare(replicas, images, PROMPTS, 5)
+    inv = inversion.assemble(pipe, inputs, settings, PROMPTS, inverter(pipe, inputs, settings))
+    assert inv.method == ref.method and inv.settings == ref.settings and inv.prompts == ref.prompts
+    iters = np.array(inv.inner_iterations)
+    np.testing.assert_array_equal(iters, np.array(ref.inner_iterations))
+    assert len(set(iters.ravel().tolist())) > 1, "early stop should bite at some steps only"
+    for k in inversion._BATCHED + ("timesteps",):
+        np.testing.assert_allclose(np.array(getattr(inv, k)), np.array(getattr(ref, k)), rtol=1e-6, atol=1e-6, err_msg=k)
+    before = inverter.compiled_programs()
+    inputs = inverter.prepare(replicas, images[::-1], PROMPTS[::-1], 5)
+    inverter(pipe, inputs, settings)
+    assert inverter.compiled_programs() == before == 1
+    (piece,) = parallel.split_rows(inv, mesh, 2)
+    np.testing.assert_array_equal(np.array(piece.null_embeddings), np.array(inv.null_embeddings))
+
+
+def test_host_share_splits_every_item_once():
+    for n in (0, 1, 5, 6, 13):
+        for procs in (1, 2, 3, 4):
+            shares = [parallel.host_share(n, p, procs) for p in range(procs)]
+            assert sorted(i for s in shares for i in s) == list(range(n))
+            assert all(i % procs == p for p, s in enumerate(shares) for i in s)
+
+
+def test_padding_and_per_device_batch():
+    assert parallel.pad_rows(3, 4) == [0, 1, 2, 2]
+    assert parallel.pad_rows(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        parallel.pad_rows(0, 4)
+    with pytest.raises(ValueError):
+        parallel.pad_rows(5, 4)
+    assert parallel.per_device_batch(8, 3, 1) == 3  # never more rows than images
+    assert parallel.per_device_batch(2, 6, 4) == 2
+    assert parallel.per_device_batch(4, 6, 4) == 2
+    assert parallel.per_device_batch(1, 100, 8) == 1
+    assert parallel.per_device_batch(4, 0, 2) == 1
+
+
+def test_results_files_merge_in_manifest_order(tmp_path):
+    assert parallel.results_file(str(tmp_path), 0, 1).endswith("results.jsonl")
+    assert parallel.results_file(str(tmp_path), 1, 3).endswith("results.1.jsonl")
+    p0, p1 = (parallel.results_file(str(tmp_path), p, 2) for p in (0, 1))
+    parallel.write_jsonl(p0, [{"index": 0, "status": "done"}, {"index": 2, "status": "failed"}])
+    with open(p1, "w") as f:  # a process killed mid-write leaves a torn last line
+        f.write(json.dumps({"index": 1, "status": "done"}) + "\n" + '{"index": 3, "sta')
+    rows = parallel.merge_jsonl(str(tmp_path / "results.jsonl"), [p0, p1, str(tmp_path / "results.9.jsonl")])
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert parallel.read_jsonl(str(tmp_path / "results.jsonl")) == rows
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_cache_dir_and_distributed_settings_from_the_environment(monkeypatch, tmp_path):
+    for var in ("NTI_JAX_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parallel.cache_dir_from_env() == str(tmp_path / ".cache" / "nti-jax" / "jax-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert parallel.cache_dir_from_env() == str(tmp_path / "xdg" / "nti-jax" / "jax-cache")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert parallel.cache_dir_from_env() == str(tmp_path / "jax")
+    monkeypatch.setenv("NTI_JAX_CACHE_DIR", str(tmp_path / "nti"))
+    assert parallel.cache_dir_from_env() == str(tmp_path / "nti")
+    assert parallel.cache_dir_from_env(str(tmp_path / "cli")) == str(tmp_path / "cli")
+    assert parallel.cache_dir_from_env("none") is None
+    monkeypatch.setenv("NTI_JAX_CACHE_DIR", "off")
+    assert parallel.cache_dir_from_env() is None
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert parallel.distributed_env() == {"coordinator_address": None, "num_processes": None, "process_id": None}
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert parallel.distributed_env() == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    parallel.barrier("one process: returns at once")
