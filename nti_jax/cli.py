@@ -31,6 +31,7 @@ import numpy as np
 from . import inversion, parallel
 from .errors import NtiError, OptimisationError, PromptError
 from .io import atomic_path, load_image, psnr, save_png
+from .p2p import SETTINGS_KEYS
 from .pipeline import DTYPES, load_pipeline
 
 PROG = "nti-invert"
@@ -48,17 +49,7 @@ DEFAULTS = {  # the inversion settings of the paper; batch size 1 fits any accel
     "batch_size": 1,
 }
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-EDIT_KEYS = (
-    "prompt",
-    "kind",
-    "cross_replace_steps",
-    "self_replace_steps",
-    "equalizer",
-    "blend_words",
-    "blend_threshold",
-    "blend_start",
-    "max_self_size",
-)
+EDIT_KEYS = ("prompt",) + SETTINGS_KEYS
 ROW_KEYS = ("image", "prompt", "edits", "name", "crop")
 
 EPILOG = """\

@@ -61,14 +61,14 @@ class Inversion:
         """The inversion of image(s) `idx`, still batched (an int gives B = 1)."""
         idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
         rows = np.arange(self.num_images)[idx]
-        arrays = {k: getattr(self, k)[rows] for k in _BATCHED}
+        arrays = {k: getattr(self, k)[rows] for k in BATCHED_FIELDS}
         return self.replace(**arrays, prompts=tuple(self.prompts[i] for i in rows))
 
     def save(self, path: str) -> None:
         """One safetensors file; settings, prompts and model name go in its metadata."""
         from safetensors.numpy import save_file
 
-        tensors = {k: np.ascontiguousarray(np.asarray(getattr(self, k))) for k in _BATCHED + ("timesteps",)}
+        tensors = {k: np.ascontiguousarray(np.asarray(getattr(self, k))) for k in BATCHED_FIELDS + ("timesteps",)}
         tensors["nonfinite"] = tensors["nonfinite"].astype(np.uint8)
         meta = {
             "format": "nti-jax-inversion",
@@ -105,7 +105,7 @@ class Inversion:
         return dict(self.settings)
 
 
-_BATCHED = ("x_T", "pivots", "null_embeddings", "cond_embeddings", "inner_iterations", "final_losses", "nonfinite")
+BATCHED_FIELDS = ("x_T", "pivots", "null_embeddings", "cond_embeddings", "inner_iterations", "final_losses", "nonfinite")
 
 
 def ddim_pivots(unet_fn, prediction_type: str, sched: Schedule, z0: jax.Array, cond: jax.Array) -> jax.Array:

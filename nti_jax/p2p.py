@@ -121,13 +121,15 @@ def auto_controller(source: str, targets: Sequence[str]) -> Controller:
     return Replace() if same else Refine()
 
 
+SETTINGS_KEYS = ("kind", "cross_replace_steps", "self_replace_steps", "equalizer", "blend_words",
+                 "blend_threshold", "blend_start", "max_self_size")
+
+
 def controller_from_settings(source: str, targets: Sequence[str], settings: Mapping[str, Any]) -> Controller:
     """A controller from plain settings (CLI manifests): kind ("auto"|"replace"|"refine"),
     cross_replace_steps, self_replace_steps, equalizer {word: factor}, blend_words (one word list
     per prompt, source first), blend_threshold, blend_start, max_self_size."""
-    known = {"kind", "cross_replace_steps", "self_replace_steps", "equalizer", "blend_words",
-             "blend_threshold", "blend_start", "max_self_size", "prompt"}
-    unknown = set(settings) - known
+    unknown = set(settings) - set(SETTINGS_KEYS) - {"prompt"}
     if unknown:
         raise ValueError(f"unknown edit settings: {', '.join(sorted(unknown))}")
     kind = settings.get("kind", "auto")

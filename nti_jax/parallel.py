@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .inversion import _BATCHED, Inversion, InvertInputs, InvertSettings, core_args, invert_core, prepare_inputs
+from .inversion import BATCHED_FIELDS, Inversion, InvertInputs, InvertSettings, core_args, invert_core, prepare_inputs
 from .io import atomic_path
 from .pipeline import Pipeline
 
@@ -319,7 +319,7 @@ def split_rows(inv: Inversion, mesh: Mesh, per_device: int) -> list[Inversion]:
     out = []
     for d, device in enumerate(mesh.devices.flat):
         rows = slice(d * per_device, (d + 1) * per_device)
-        fields = {k: _rows_on(getattr(inv, k), device, rows, True) for k in _BATCHED}
+        fields = {k: _rows_on(getattr(inv, k), device, rows, True) for k in BATCHED_FIELDS}
         fields["timesteps"] = _rows_on(inv.timesteps, device, rows, False)
         out.append(inv.replace(**fields, prompts=tuple(inv.prompts[rows])))
     return out

@@ -49,14 +49,7 @@ def _no_distributed_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-# testing.UNET_SD1 cut to two levels of one layer: the same code paths, half the compile time.
-UNET_MINI = dict(
-    testing.UNET_SD1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 32),
-    layers_per_block=1,
-)
+UNET_MINI = testing.UNET_MINI
 
 
 def make_mini_sd(folder: str, seed: int = 3) -> str:

@@ -152,7 +152,7 @@ def test_save_load_round_trip(pipe, images, tmp_path):
     inv.save(path)
     back = nti_jax.Inversion.load(path)
     assert (back.method, back.prompts, back.settings, back.model) == (inv.method, inv.prompts, inv.settings, inv.model)
-    for k in inversion._BATCHED + ("timesteps",):
+    for k in inversion.BATCHED_FIELDS + ("timesteps",):
         np.testing.assert_array_equal(np.array(getattr(back, k)), np.array(getattr(inv, k)))
     one = back[1]
     assert one.num_images == 1 and one.prompts == ("a white square on a black background",)

@@ -17,15 +17,7 @@ from nti_jax import inversion, parallel, testing
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 
 
-# The small UNet of test_cli.py (testing.UNET_SD1 cut to two levels of one layer), so the
-# compiled sharded program is shared when both files run in one session.
-UNET_MINI = dict(
-    testing.UNET_SD1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 32),
-    layers_per_block=1,
-)
+UNET_MINI = testing.UNET_MINI
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def test_sharded_program_equals_invert(pipe, images):
     iters = np.array(inv.inner_iterations)
     np.testing.assert_array_equal(iters, np.array(ref.inner_iterations))
     assert len(set(iters.ravel().tolist())) > 1, "early stop should bite at some steps only"
-    for k in inversion._BATCHED + ("timesteps",):
+    for k in inversion.BATCHED_FIELDS + ("timesteps",):
         np.testing.assert_allclose(np.array(getattr(inv, k)), np.array(getattr(ref, k)), rtol=1e-6, atol=1e-6, err_msg=k)
     before = inverter.compiled_programs()
     inputs = inverter.prepare(replicas, images[::-1], PROMPTS[::-1], 5)
