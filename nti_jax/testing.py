@@ -9,20 +9,11 @@ import json
 import os
 import shutil
 
+from .toy import config as toy_config
+
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "toy", "model", "tokenizer")
 
-SD1_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
+SD1_SCHEDULER = toy_config.SCHEDULER  # SD 1.x DDIM settings (ALGORITHM.md), shared with the toy model
 
 UNET_SD1 = dict(
     sample_size=16,
