@@ -377,3 +377,26 @@ def reconstruct(pipe: Pipeline, inv: Inversion) -> tuple[jax.Array, jax.Array]:
         jnp.float32(s.get("guidance_scale", 7.5)),
     )
     return pipe.decode_latents(z), z
+
+
+def generate(
+    pipe: Pipeline, prompts: Sequence[str], *, num_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0, x_T=None
+) -> np.ndarray:
+    """Text-to-image CFG DDIM sampling with the "" embedding as the unconditional one, from `x_T`
+    (B, h, w, C) or Gaussian noise drawn from `seed`: float32 (B, H, W, 3) in [0, 1]. The same
+    compiled program as `reconstruct`."""
+    prompts = _as_list(prompts, "prompts")
+    settings = check_settings(pipe, "ddim", num_steps, guidance_scale, 0, -1.0)
+    s = pipe.unet.config
+    shape = (len(prompts), s.sample_size, s.sample_size, s.in_channels)
+    x_T = jax.random.normal(jax.random.PRNGKey(seed), shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
+    if x_T.shape != shape:
+        raise ValueError(f"x_T must have shape {shape}, got {x_T.shape}")
+    cond = pipe.encode_prompt(prompts)
+    uncond = jnp.broadcast_to(pipe.encode_prompt([""])[:, None], (len(prompts), num_steps, *cond.shape[1:]))
+    sched = Schedule(*map(jnp.asarray, ddim_schedule(pipe.scheduler_config, num_steps)))
+    z = _reconstruct_program(
+        pipe.unet, pipe.params["unet"], pipe.scheduler_config.get("prediction_type", "epsilon"), False,
+        sched, x_T, cond, uncond, None, jnp.float32(settings.guidance_scale),
+    )
+    return np.asarray(pipe.decode_latents(z))

@@ -416,3 +416,22 @@ def dominant_colors(image: np.ndarray, mask: np.ndarray) -> tuple[str, str]:
         w = m[sel][:, None].astype(np.float64)
         obj_rgb = np.median(np.clip(bg_rgb + (px[sel] - bg_rgb) / w, 0, 255), axis=0)
     return classify_color(obj_rgb), classify_color(bg_rgb)
+
+
+def scene_colors(image: np.ndarray, border: int = 2, min_delta_e: float = 25.0) -> tuple[str, str]:
+    """``(object_color_name, background_color_name)`` of a generated image, without a mask.
+
+    The background is the median colour of a ``border``-pixel frame (objects cover at most 60% of
+    a side, so the frame is mostly background); the object mask is every pixel farther than
+    ``min_delta_e`` (CIE76) from it; then :func:`dominant_colors`. No such pixel: the object is
+    reported as ``"none"``.
+    """
+    image = np.asarray(image)
+    px = image.astype(np.float64)
+    frame = np.ones(image.shape[:2], bool)
+    frame[border:-border, border:-border] = False
+    bg_lab = srgb_to_lab(np.median(px[frame], axis=0))
+    mask = (np.linalg.norm(srgb_to_lab(px) - bg_lab, axis=-1) > min_delta_e).astype(np.float32)
+    if not mask.any():
+        return "none", classify_color(np.median(px[frame], axis=0))
+    return dominant_colors(image, mask)

@@ -143,6 +143,14 @@ def export(folder: str, params: dict, scaling: float) -> None:
     shutil.rmtree(tmp)
 
 
+def _warm_start(folder: str) -> dict:
+    """A stage-2 state from an exported folder: its VAE stays fixed, UNet and text encoder go on training."""
+    pipe = pl.load_pipeline(folder)
+    params = {"unet": pipe.params["unet"], "text_encoder": pipe.params["text_encoder"]}
+    return {"stage": "unet", "step": 0, "vae": pipe.params["vae"], "scaling": pipe.scaling_factor, "params": params,
+            "ema": params, "opt": None}
+
+
 def train(args) -> None:
     os.makedirs(args.workdir, exist_ok=True)
     log = open(os.path.join(args.workdir, "log.txt"), "a")
@@ -162,6 +170,9 @@ def train(args) -> None:
     vae_sched = optax.warmup_cosine_decay_schedule(0.0, args.vae_lr, 100, args.vae_steps, args.vae_lr * 0.05)
     vae_opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(vae_sched))
     state = _load(ckpt) if os.path.exists(ckpt) else None
+    if state is None and args.init:
+        state = _warm_start(args.init)
+        say(f"warm start from {args.init} (scaling_factor {state['scaling']:.4f})")
     if state is None or state["stage"] == "vae":
         vae_p = init["vae"] if state is None else state["vae"]
         vae_os = vae_opt.init(vae_p)
@@ -220,6 +231,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/nti-jax/toy-train"))
     ap.add_argument("--export", default=None, help="diffusers folder to write the EMA model to")
+    ap.add_argument("--init", default=None, help="start stage 2 from this exported folder (fresh optimiser)")
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--unet-steps", type=int, default=20000)
