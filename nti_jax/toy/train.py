@@ -135,7 +135,7 @@ def export(folder: str, params: dict, scaling: float) -> None:
     configs = {"unet": toy.UNET, "vae": dict(toy.VAE, scaling_factor=scaling), "text_encoder": toy.TEXT_ENCODER}
     pl.save_pipeline(tmp, configs, params, toy.SCHEDULER, TOKENIZER_DIR)
     os.makedirs(folder, exist_ok=True)
-    for k in ("unet", "vae", "text_encoder", "scheduler", "model_index.json"):
+    for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
         dst = os.path.join(folder, k)
         if os.path.isdir(dst):
             shutil.rmtree(dst)
