@@ -3,9 +3,12 @@
 Stage 1 trains the VAE (L1 + MSE + small KL); stage 2 trains the UNet and the CLIP text encoder
 jointly on SD's noise schedule (epsilon prediction, 10% captions dropped to ""). Data are rendered
 on the fly from seeds, so nothing is stored but checkpoints (msgpack, in --workdir) and the
-exported diffusers folder. Seeded and resumable: rerun the same command to continue.
+exported diffusers folder. Seeded and resumable: rerun the same command to continue. `--init`
+continues stage 2 from an exported folder; with `--decoder-steps` it instead fine-tunes that
+folder's VAE decoder (MSE, encoder frozen, so the latents and the UNet stay valid).
 
     python -m nti_jax.toy.train --workdir ~/.cache/nti-jax/toy-train --export nti_jax/toy/model
+    python -m nti_jax.toy.train --init nti_jax/toy/model --decoder-steps 1500 --export nti_jax/toy/model
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .shapes import render_batch
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "model", "tokenizer")
 EVAL_SEED0 = 1_000_000_000  # held-out images use seeds from here; training seeds stay below
+DECODER_SEED0 = 500_000_000  # decoder fine-tuning draws from here (training images too)
 
 
 def _modules():
@@ -59,6 +63,25 @@ def make_vae_step(vae: AutoencoderKL, opt):
         loss, g = jax.value_and_grad(loss_fn)(p, x, key)
         updates, opt_state = opt.update(g, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
+
+    return step
+
+
+def make_decoder_step(vae: AutoencoderKL, opt):
+    """MSE fine-tuning of post_quant_conv + decoder on the frozen encoder's posterior means: the
+    latents (and so the UNet trained on them) stay valid while the reconstruction bound rises."""
+
+    def loss_fn(dec, enc, x):
+        mean, _ = vae.apply({"params": enc}, x, method=AutoencoderKL.encode)
+        rec = vae.apply({"params": {**enc, **dec}}, jax.lax.stop_gradient(mean), method=AutoencoderKL.decode)
+        return jnp.mean((rec - x) ** 2)
+
+    @jax.jit
+    def step(dec, enc, opt_state, images):
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        loss, g = jax.value_and_grad(loss_fn)(dec, enc, x)
+        updates, opt_state = opt.update(g, opt_state, dec)
+        return optax.apply_updates(dec, updates), opt_state, loss
 
     return step
 
@@ -227,11 +250,46 @@ def train(args) -> None:
             say(f"exported EMA weights at step {s + 1} to {args.export}")
 
 
+def finetune_decoder(args) -> None:
+    """Stage 3 on an exported folder (--init): fine-tune its VAE decoder, write it to --export."""
+    os.makedirs(args.workdir, exist_ok=True)
+    pipe = pl.load_pipeline(args.init)
+    vae = pipe.vae
+    enc = {k: v for k, v in pipe.params["vae"].items() if k in ("encoder", "quant_conv")}
+    dec = {k: v for k, v in pipe.params["vae"].items() if k not in enc}
+    sched = optax.warmup_cosine_decay_schedule(0.0, args.decoder_lr, 50, args.decoder_steps, args.decoder_lr * 0.05)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+    opt_state = opt.init(dec)
+    ckpt = os.path.join(args.workdir, "decoder.msgpack")
+    step0 = 0
+    if os.path.exists(ckpt):
+        state = _load(ckpt)
+        dec, step0 = state["dec"], int(state["step"])
+        opt_state = serialization.from_state_dict(opt_state, state["opt"])
+    step = make_decoder_step(vae, opt)
+    t0, losses = time.time(), []
+    for s in range(step0, args.decoder_steps):
+        seeds = range(DECODER_SEED0 + s * args.vae_batch, DECODER_SEED0 + (s + 1) * args.vae_batch)
+        dec, opt_state, loss = step(dec, enc, opt_state, render_batch(seeds, toy.IMAGE_SIZE)[0])
+        losses.append(loss)
+        if (s + 1) % 50 == 0:
+            mse = float(np.mean(jax.device_get(losses))) / 4.0  # images in [-1, 1]: MSE on [0, 1] is a quarter
+            print(f"{time.strftime('%H:%M:%S')} decoder step {s + 1} psnr {-10 * np.log10(mse):.2f} dB "
+                  f"{50 / (time.time() - t0):.2f} steps/s", flush=True)
+            t0, losses = time.time(), []
+        if (s + 1) % 250 == 0:
+            _save(ckpt, {"step": s + 1, "dec": dec, "opt": serialization.to_state_dict(opt_state)})
+    params = dict(pipe.params, vae={**enc, **dec})
+    export(args.export, params, pipe.scaling_factor)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/nti-jax/toy-train"))
     ap.add_argument("--export", default=None, help="diffusers folder to write the EMA model to")
     ap.add_argument("--init", default=None, help="start stage 2 from this exported folder (fresh optimiser)")
+    ap.add_argument("--decoder-steps", type=int, default=0, help="with --init: fine-tune its VAE decoder only")
+    ap.add_argument("--decoder-lr", type=float, default=5e-4)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--unet-steps", type=int, default=20000)
@@ -243,7 +301,10 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--export-every", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    train(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    if args.decoder_steps and not (args.init and args.export):
+        ap.error("--decoder-steps needs --init FOLDER and --export FOLDER")
+    (finetune_decoder if args.decoder_steps else train)(args)
 
 
 if __name__ == "__main__":
