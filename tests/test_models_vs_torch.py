@@ -120,3 +120,19 @@ def test_conversion_round_trips_exactly(tmp_path):
     assert set(back) == set(state)
     for k in state:
         np.testing.assert_array_equal(back[k], state[k])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_same_gradients_equal_autodiff_of_the_plain_conv(k):
+    """The custom input gradient (explicit flipped-kernel conv) against autodiff of lax's conv."""
+    from nti_jax.models.resnet import _lax_conv, conv_same
+
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, 5, 6)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 9, 7, 6)), jnp.float32)
+    pad = k // 2
+    ours = jax.vjp(lambda x, w: conv_same(x, w, pad), x, w)[1](g)
+    ref = jax.vjp(lambda x, w: _lax_conv(x, w, 1, ((pad, pad), (pad, pad))), x, w)[1](g)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

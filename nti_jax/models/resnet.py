@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import flax.linen as nn
@@ -9,17 +10,64 @@ import jax
 import jax.numpy as jnp
 
 
-def conv(features: int, kernel: int, name: Optional[str], dtype, stride: int = 1, padding=None) -> nn.Conv:
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_DN)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_same(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+    """Stride-1 conv with symmetric padding `pad`, whose input gradient is a plain HWIO conv.
+
+    Autodiff's input gradient is a conv on the reversed kernel with swapped in/out dims; inside a
+    `lax.while_loop` XLA:CPU runs that form 4-15x slower than a plain conv (measured on 3x3
+    convs, 16x16 maps), which made the null-text inner loop ~1.8x slower than the same UNet
+    gradients called one by one. The explicit flip-and-transpose keeps it on the fast path.
+    """
+    return _lax_conv(x, kernel, 1, ((pad, pad), (pad, pad)))
+
+
+def _conv_same_fwd(x, kernel, pad):
+    return conv_same(x, kernel, pad), (x, kernel)
+
+
+def _conv_same_bwd(pad, res, g):
+    x, kernel = res
+    q = kernel.shape[0] - 1 - pad
+    dx = _lax_conv(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), 1, ((q, q), (q, q)))
+    _, kernel_vjp = jax.vjp(lambda k: _lax_conv(x, k, 1, ((pad, pad), (pad, pad))), kernel)
+    return dx, kernel_vjp(g)[0]
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+class Conv2d(nn.Module):
+    """torch-style Conv2d, channels-last, with `nn.Conv`'s parameters ("kernel" HWIO, "bias")."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: Optional[tuple] = None  # ((top, bottom), (left, right)); default kernel // 2 all round
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        if self.stride == 1 and self.padding is None and k % 2 == 1:
+            return conv_same(x, kernel, k // 2) + bias
+        pad = ((k // 2, k // 2),) * 2 if self.padding is None else self.padding
+        return _lax_conv(x, kernel, self.stride, pad) + bias
+
+
+def conv(features: int, kernel: int, name: Optional[str], dtype, stride: int = 1, padding=None) -> Conv2d:
     """A torch-style Conv2d: symmetric padding kernel//2 unless given."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)) if padding is None else padding,
-        dtype=dtype,
-        name=name,
-    )
+    return Conv2d(features, kernel, stride, padding, dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
