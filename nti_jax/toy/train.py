@@ -49,6 +49,26 @@ def _wd_mask(params):
     )
 
 
+def _lr_schedule(peak: float, warmup: int, steps: int, end_fraction: float):
+    """Linear warm-up then cosine decay to `end_fraction * peak`; short runs shorten the warm-up."""
+    warmup = min(warmup, steps // 2)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1), peak * end_fraction)
+
+
+def _jit_step(loss_fn, opt):
+    """A jitted optimiser step (params, opt_state, uint8 images, *extra) -> (params, opt_state, loss)
+    for `loss_fn(params, images in [-1, 1], *extra)`."""
+
+    @jax.jit
+    def step(p, opt_state, images, *extra):
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        loss, g = jax.value_and_grad(loss_fn)(p, x, *extra)
+        updates, opt_state = opt.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    return step
+
+
 def make_vae_step(vae: AutoencoderKL, opt):
     def loss_fn(p, x, key):
         mean, logvar = vae.apply({"params": p}, x, method=AutoencoderKL.encode)
@@ -57,33 +77,19 @@ def make_vae_step(vae: AutoencoderKL, opt):
         kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
         return jnp.mean(jnp.abs(rec - x)) + jnp.mean((rec - x) ** 2) + 1e-5 * kl
 
-    @jax.jit
-    def step(p, opt_state, images, key):
-        x = images.astype(jnp.float32) / 127.5 - 1.0
-        loss, g = jax.value_and_grad(loss_fn)(p, x, key)
-        updates, opt_state = opt.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    return step
+    return _jit_step(loss_fn, opt)
 
 
 def make_decoder_step(vae: AutoencoderKL, opt):
     """MSE fine-tuning of post_quant_conv + decoder on the frozen encoder's posterior means: the
     latents (and so the UNet trained on them) stay valid while the reconstruction bound rises."""
 
-    def loss_fn(dec, enc, x):
+    def loss_fn(dec, x, enc):
         mean, _ = vae.apply({"params": enc}, x, method=AutoencoderKL.encode)
         rec = vae.apply({"params": {**enc, **dec}}, jax.lax.stop_gradient(mean), method=AutoencoderKL.decode)
         return jnp.mean((rec - x) ** 2)
 
-    @jax.jit
-    def step(dec, enc, opt_state, images):
-        x = images.astype(jnp.float32) / 127.5 - 1.0
-        loss, g = jax.value_and_grad(loss_fn)(dec, enc, x)
-        updates, opt_state = opt.update(g, opt_state, dec)
-        return optax.apply_updates(dec, updates), opt_state, loss
-
-    return step
+    return _jit_step(loss_fn, opt)
 
 
 def make_unet_step(unet, vae, text, opt, scaling: float, ema_decay: float, offset_noise: float = 0.0):
@@ -195,7 +201,7 @@ def train(args) -> None:
     rng = np.random.default_rng(args.seed)
 
     # ---- stage 1: VAE
-    vae_sched = optax.warmup_cosine_decay_schedule(0.0, args.vae_lr, 100, args.vae_steps, args.vae_lr * 0.05)
+    vae_sched = _lr_schedule(args.vae_lr, 100, args.vae_steps, 0.05)
     vae_opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(vae_sched))
     state = _load(ckpt) if os.path.exists(ckpt) else None
     if state is None and args.init:
@@ -227,7 +233,7 @@ def train(args) -> None:
     # ---- stage 2: UNet + text encoder
     vae_p, scaling = state["vae"], float(state["scaling"])
     params, ema = state["params"], state["ema"]
-    sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, 200, args.unet_steps, args.lr * 0.1)
+    sched = _lr_schedule(args.lr, 200, args.unet_steps, 0.1)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-2, mask=_wd_mask))
     opt_state = opt.init(params)
     if state["opt"] is not None:
@@ -262,7 +268,7 @@ def finetune_decoder(args) -> None:
     vae = pipe.vae
     enc = {k: v for k, v in pipe.params["vae"].items() if k in ("encoder", "quant_conv")}
     dec = {k: v for k, v in pipe.params["vae"].items() if k not in enc}
-    sched = optax.warmup_cosine_decay_schedule(0.0, args.decoder_lr, 50, args.decoder_steps, args.decoder_lr * 0.05)
+    sched = _lr_schedule(args.decoder_lr, 50, args.decoder_steps, 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
     opt_state = opt.init(dec)
     ckpt = os.path.join(args.workdir, "decoder.msgpack")
@@ -275,7 +281,7 @@ def finetune_decoder(args) -> None:
     t0, losses = time.time(), []
     for s in range(step0, args.decoder_steps):
         seeds = range(DECODER_SEED0 + s * args.vae_batch, DECODER_SEED0 + (s + 1) * args.vae_batch)
-        dec, opt_state, loss = step(dec, enc, opt_state, render_batch(seeds, toy.IMAGE_SIZE)[0])
+        dec, opt_state, loss = step(dec, opt_state, render_batch(seeds, toy.IMAGE_SIZE)[0], enc)
         losses.append(loss)
         if (s + 1) % 50 == 0:
             mse = float(np.mean(jax.device_get(losses))) / 4.0  # images in [-1, 1]: MSE on [0, 1] is a quarter

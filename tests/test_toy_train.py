@@ -1,0 +1,36 @@
+"""The toy training script end to end at a few steps: stages, resume, export, decoder fine-tune."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+import nti_jax
+from nti_jax.toy import train
+
+
+def test_train_resumes_exports_and_fine_tunes_the_decoder(tmp_path):
+    work, out, out2 = (str(tmp_path / k) for k in ("work", "model", "model2"))
+    small = ["--vae-batch", "2", "--batch", "2", "--ckpt-every", "1", "--export-every", "2"]
+    train.main(["--workdir", work, "--export", out, "--vae-steps", "2", "--unet-steps", "2", *small])
+    state = train._load(os.path.join(work, "state.msgpack"))
+    assert (state["stage"], int(state["step"])) == ("unet", 2)
+    pipe = nti_jax.load_pipeline(out)
+    with open(os.path.join(out, "vae", "config.json")) as f:
+        assert json.load(f)["scaling_factor"] == float(state["scaling"]) > 0
+
+    log = os.path.join(work, "log.txt")
+    before = open(log).read()
+    train.main(["--workdir", work, "--export", out, "--vae-steps", "2", "--unet-steps", "3", *small])
+    added = open(log).read()[len(before):]
+    assert "vae step" not in added and "exported EMA weights at step 3" in added  # resumed in stage 2
+    assert int(train._load(os.path.join(work, "state.msgpack"))["step"]) == 3
+
+    train.main(["--workdir", str(tmp_path / "dec"), "--init", out, "--export", out2, "--decoder-steps", "2", "--vae-batch", "2"])
+    tuned = nti_jax.load_pipeline(out2).params["vae"]
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    first = nti_jax.load_pipeline(out).params["vae"]
+    assert same(tuned["encoder"], first["encoder"]) and same(tuned["quant_conv"], first["quant_conv"])
+    assert not same(tuned["decoder"], first["decoder"])
+    assert pipe.params["unet"].keys() == nti_jax.load_pipeline(out2).params["unet"].keys()
