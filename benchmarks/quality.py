@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -105,7 +106,7 @@ def edit_table(pipe, n: int) -> dict:
         color, shape, background = shapes.parse_caption(cap)
         others = [c for c in shapes.COLOR_NAMES if c not in (color, background)]
         target = others[len(rows) % len(others)]
-        inv = nti_jax.invert(pipe, img, cap)
+        inv = jax.block_until_ready(nti_jax.invert(pipe, img, cap))  # async dispatch: keep it out of the edit's time
         tgt = shapes.caption(target, shape, background)
         ctrl = nti_jax.Replace(blend=nti_jax.LocalBlend([[shape], [shape]]))
         t0 = time.perf_counter()
