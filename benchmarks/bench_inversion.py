@@ -477,7 +477,7 @@ class JaxImpl:
     def run(self, num_steps: int, num_inner_steps: int, early_stop_epsilon: float, keep: bool = False) -> dict:
         inv, jax = self.inv, self.jax
         settings = inv.check_settings(self.pipe, "null-text", num_steps, GUIDANCE, num_inner_steps, early_stop_epsilon)
-        sched = inv.Schedule(*map(self.jnp.asarray, inv.ddim_schedule(self.pipe.scheduler_config, num_steps)))
+        sched = inv.model_schedule(self.pipe, num_steps)
         args = inv.core_args(self.pipe, inv.InvertInputs(self.z0, self.cond, self.null, sched), settings)
         args = jax.block_until_ready(args)
         t0 = time.perf_counter()

@@ -276,6 +276,11 @@ def check_settings(
     return InvertSettings(method, int(num_steps), float(guidance_scale), int(num_inner_steps), float(early_stop_epsilon), pred)
 
 
+def model_schedule(pipe: Pipeline, num_steps: int) -> Schedule:
+    """The model's DDIM schedule with `num_steps` steps, as device arrays."""
+    return Schedule(*map(jnp.asarray, ddim_schedule(pipe.scheduler_config, num_steps)))
+
+
 def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], num_steps: int) -> InvertInputs:
     """Encode a batch of uint8 square images (already at the model's size) and their prompts."""
     for p in prompts:
@@ -284,7 +289,7 @@ def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequen
     emb = pipe.encode_prompt(list(prompts) + [""])
     cond, null = emb[:-1], jnp.broadcast_to(emb[-1:], emb[:-1].shape)
     z0 = pipe.encode_image(np.stack(images))
-    return InvertInputs(z0, cond, null, Schedule(*map(jnp.asarray, ddim_schedule(pipe.scheduler_config, num_steps))))
+    return InvertInputs(z0, cond, null, model_schedule(pipe, num_steps))
 
 
 def assemble(pipe: Pipeline, inputs: InvertInputs, settings: InvertSettings, prompts: Sequence[str], outputs) -> Inversion:
@@ -355,10 +360,10 @@ def _reconstruct_program(pipe_unet, params, prediction_type: str, direct: bool, 
 
 def inversion_schedule(pipe: Pipeline, inv: Inversion) -> Schedule:
     """The DDIM schedule an inversion was made with (checked against its stored timesteps)."""
-    sched = ddim_schedule(pipe.scheduler_config, inv.timesteps.shape[0])
-    if not np.array_equal(sched.timesteps, np.asarray(inv.timesteps)):
+    sched = model_schedule(pipe, inv.timesteps.shape[0])
+    if not np.array_equal(np.asarray(sched.timesteps), np.asarray(inv.timesteps)):
         raise NtiError("this inversion was made with another scheduler config than the model's")
-    return Schedule(*map(jnp.asarray, sched))
+    return sched
 
 
 def reconstruct(pipe: Pipeline, inv: Inversion) -> tuple[jax.Array, jax.Array]:
@@ -394,9 +399,8 @@ def generate(
         raise ValueError(f"x_T must have shape {shape}, got {x_T.shape}")
     cond = pipe.encode_prompt(prompts)
     uncond = jnp.broadcast_to(pipe.encode_prompt([""])[:, None], (len(prompts), num_steps, *cond.shape[1:]))
-    sched = Schedule(*map(jnp.asarray, ddim_schedule(pipe.scheduler_config, num_steps)))
     z = _reconstruct_program(
-        pipe.unet, pipe.params["unet"], pipe.scheduler_config.get("prediction_type", "epsilon"), False,
-        sched, x_T, cond, uncond, None, jnp.float32(settings.guidance_scale),
+        pipe.unet, pipe.params["unet"], settings.prediction_type, False,
+        model_schedule(pipe, num_steps), x_T, cond, uncond, None, jnp.float32(settings.guidance_scale),
     )
     return np.asarray(pipe.decode_latents(z))

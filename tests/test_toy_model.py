@@ -36,7 +36,8 @@ def test_diffusers_loads_and_samples_the_shipped_folder_like_nti_jax(pipe):
                  latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy())).images
     ours = nti_jax.generate(pipe, prompts, num_steps=10, guidance_scale=7.5, x_T=x_T)
     assert ref.shape == ours.shape == (2, 64, 64, 3)
-    assert np.abs(ours - ref).max() < 2e-3, np.abs(ours - ref).max()
+    # measured 4.4e-5: f32 per-call differences (~1e-6) amplified by 10 CFG steps at w = 7.5
+    assert np.abs(ours - ref).max() < 5e-4, np.abs(ours - ref).max()
 
 
 def test_null_text_reaches_the_vae_bound_and_ddim_does_not(pipe, scene):

@@ -8,7 +8,7 @@ continues stage 2 from an exported folder; with `--decoder-steps` it instead fin
 folder's VAE decoder (MSE, encoder frozen, so the latents and the UNet stay valid).
 
     python -m nti_jax.toy.train --workdir ~/.cache/nti-jax/toy-train --export nti_jax/toy/model
-    python -m nti_jax.toy.train --init nti_jax/toy/model --decoder-steps 1500 --export nti_jax/toy/model
+    python -m nti_jax.toy.train --init nti_jax/toy/model --decoder-steps 600 --export nti_jax/toy/model
 """
 
 from __future__ import annotations
@@ -185,16 +185,22 @@ def _warm_start(folder: str) -> dict:
             "ema": params, "opt": None}
 
 
-def train(args) -> None:
-    os.makedirs(args.workdir, exist_ok=True)
-    log = open(os.path.join(args.workdir, "log.txt"), "a")
+def _logger(workdir: str):
+    """say(msg): a timestamped line to stdout and to workdir/log.txt."""
+    os.makedirs(workdir, exist_ok=True)
+    log = open(os.path.join(workdir, "log.txt"), "a")
 
-    def say(msg):
+    def say(msg: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
         print(line, flush=True)
         log.write(line + "\n")
         log.flush()
 
+    return say
+
+
+def train(args) -> None:
+    say = _logger(args.workdir)
     unet, vae, text = _modules()
     ckpt = os.path.join(args.workdir, "state.msgpack")
     init = pl.init_params(unet, vae, text, jax.random.PRNGKey(args.seed))
@@ -263,7 +269,7 @@ def train(args) -> None:
 
 def finetune_decoder(args) -> None:
     """Stage 3 on an exported folder (--init): fine-tune its VAE decoder, write it to --export."""
-    os.makedirs(args.workdir, exist_ok=True)
+    say = _logger(args.workdir)
     pipe = pl.load_pipeline(args.init)
     vae = pipe.vae
     enc = {k: v for k, v in pipe.params["vae"].items() if k in ("encoder", "quant_conv")}
@@ -285,13 +291,13 @@ def finetune_decoder(args) -> None:
         losses.append(loss)
         if (s + 1) % 50 == 0:
             mse = float(np.mean(jax.device_get(losses))) / 4.0  # images in [-1, 1]: MSE on [0, 1] is a quarter
-            print(f"{time.strftime('%H:%M:%S')} decoder step {s + 1} psnr {-10 * np.log10(mse):.2f} dB "
-                  f"{50 / (time.time() - t0):.2f} steps/s", flush=True)
+            say(f"decoder step {s + 1} psnr {-10 * np.log10(mse):.2f} dB {50 / (time.time() - t0):.2f} steps/s")
             t0, losses = time.time(), []
         if (s + 1) % 250 == 0:
             _save(ckpt, {"step": s + 1, "dec": dec, "opt": serialization.to_state_dict(opt_state)})
     params = dict(pipe.params, vae={**enc, **dec})
     export(args.export, params, pipe.scaling_factor)
+    say(f"exported the fine-tuned decoder at step {args.decoder_steps} to {args.export}")
 
 
 def main(argv=None) -> None:
