@@ -34,3 +34,18 @@ def test_train_resumes_exports_and_fine_tunes_the_decoder(tmp_path):
     assert same(tuned["encoder"], first["encoder"]) and same(tuned["quant_conv"], first["quant_conv"])
     assert not same(tuned["decoder"], first["decoder"])
     assert pipe.params["unet"].keys() == nti_jax.load_pipeline(out2).params["unet"].keys()
+
+
+def test_cutmix_boxes_are_rectangles_on_the_latent_grid_and_pixels_follow():
+    a = np.zeros((64, 16, 16, 4), np.float32)
+    box, pix = train._cutmix(a, jax.random.PRNGKey(0), 4)
+    box, pix = np.asarray(box)[..., 0], np.asarray(pix)[..., 0]
+    assert box.shape == (64, 16, 16) and pix.shape == (64, 64, 64)
+    np.testing.assert_array_equal(pix, box.repeat(4, 1).repeat(4, 2))
+    empty = ~box.any(axis=(1, 2))
+    assert 16 <= empty.sum() <= 48  # about half the images keep their own latents
+    for b in box[~empty]:
+        rows, cols = np.nonzero(b.any(1))[0], np.nonzero(b.any(0))[0]
+        expect = np.zeros_like(b)
+        expect[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        np.testing.assert_array_equal(b, expect)  # one filled axis-aligned rectangle

@@ -80,13 +80,35 @@ def make_vae_step(vae: AutoencoderKL, opt):
     return _jit_step(loss_fn, opt)
 
 
-def make_decoder_step(vae: AutoencoderKL, opt):
-    """MSE fine-tuning of post_quant_conv + decoder on the frozen encoder's posterior means: the
-    latents (and so the UNet trained on them) stay valid while the reconstruction bound rises."""
+def _cutmix(a: jax.Array, key, factor: int) -> tuple[jax.Array, jax.Array]:
+    """Per-image random boxes on the latent grid: (mask on latents (B, h, w, 1), same mask on
+    pixels); half the images get an empty box. `factor` is the VAE's downsampling."""
+    n, h, w = a.shape[0], a.shape[1], a.shape[2]
+    k1, k2, k3 = jax.random.split(key, 3)
+    lo = jax.random.randint(k1, (n, 2), 0, jnp.array([h, w]))
+    hi = jax.random.randint(k2, (n, 2), lo + 1, jnp.array([h, w]) + 1)
+    on = jax.random.bernoulli(k3, 0.5, (n, 1, 1))
+    rows, cols = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+    box = (rows >= lo[:, 0, None, None]) & (rows < hi[:, 0, None, None])
+    box = box & (cols >= lo[:, 1, None, None]) & (cols < hi[:, 1, None, None]) & on
+    pix = jnp.repeat(jnp.repeat(box, factor, axis=1), factor, axis=2)
+    return box[..., None], pix[..., None]
 
-    def loss_fn(dec, x, enc):
+
+def make_decoder_step(vae: AutoencoderKL, opt, factor: int = 4):
+    """MSE fine-tuning of post_quant_conv + decoder on the frozen encoder's posterior means: the
+    latents (and so the UNet trained on them) stay valid while the reconstruction bound rises.
+    Half the latents are cut-and-pasted from another image of the batch (pixels pasted alike):
+    in a world of flat backgrounds the decoder otherwise reads colours from the whole latent
+    through its mid-block attention, so an edit inside a mask repaints pixels far outside it,
+    which real SD decoders, trained on varied images, do not do."""
+
+    def loss_fn(dec, x, enc, key):
         mean, _ = vae.apply({"params": enc}, x, method=AutoencoderKL.encode)
-        rec = vae.apply({"params": {**enc, **dec}}, jax.lax.stop_gradient(mean), method=AutoencoderKL.decode)
+        box, pix = _cutmix(mean, key, factor)
+        z = jnp.where(box, jnp.roll(mean, 1, axis=0), mean)
+        x = jnp.where(pix, jnp.roll(x, 1, axis=0), x)
+        rec = vae.apply({"params": {**enc, **dec}}, jax.lax.stop_gradient(z), method=AutoencoderKL.decode)
         return jnp.mean((rec - x) ** 2)
 
     return _jit_step(loss_fn, opt)
@@ -287,7 +309,7 @@ def finetune_decoder(args) -> None:
     t0, losses = time.time(), []
     for s in range(step0, args.decoder_steps):
         seeds = range(DECODER_SEED0 + s * args.vae_batch, DECODER_SEED0 + (s + 1) * args.vae_batch)
-        dec, opt_state, loss = step(dec, opt_state, render_batch(seeds, toy.IMAGE_SIZE)[0], enc)
+        dec, opt_state, loss = step(dec, opt_state, render_batch(seeds, toy.IMAGE_SIZE)[0], enc, jax.random.PRNGKey(s))
         losses.append(loss)
         if (s + 1) % 50 == 0:
             mse = float(np.mean(jax.device_get(losses))) / 4.0  # images in [-1, 1]: MSE on [0, 1] is a quarter
