@@ -178,101 +178,71 @@ def header(meta: dict) -> str:
     )
 
 
+def _table(meta: dict, intro: str, columns: list, rows: list) -> str:
+    """A markdown table under the machine/command header and a one-paragraph intro."""
+    lines = [header(meta), "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def comparison_table(meta: dict, models: dict) -> str:
     s = meta["settings"]
     mem = "peak GPU MiB" if s["device"] == "gpu" else "peak RSS MiB run (all)"
-    lines = [
-        header(meta),
-        "",
-        f"Null-text inversion of one image, {s['num_steps']} steps x {s['num_inner_steps']} inner iterations, w = "
-        f"{GUIDANCE}, {s['dtype']}, device {s['device']}; timed from latents + text embeddings (VAE and text "
-        f"encoder excluded); median of {s['repeats']} alternating runs. Cells: nti-jax / torch.",
-        "",
-        f"| model | case | compile/warm-up s | s/image | nti-jax / torch | {mem} | Adam steps |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name, res in models.items():
         if "error" in res:
-            lines.append(f"| {name} | error: {res['error'].splitlines()[-1][:80]} | | | | | |")
+            rows.append([name, f"error: {res['error'].splitlines()[-1][:80]}", "", "", "", "", ""])
             continue
         for case, c in res["cases"].items():
             j, t = c["jax"], c["torch"]
             mj, mt = j["memory"], t["memory"]
-            if s["device"] == "gpu":
-                m = _pair(mj["run_peak_mib"], mt["run_peak_mib"], ".0f")
-            else:
-                m = f"{_pair(mj['run_peak_mib'], mt['run_peak_mib'], '.0f')} ({_pair(mj['peak_mib'], mt['peak_mib'], '.0f')})"
-            lines.append(
-                f"| {name} | {case} | {_pair(j['first_s'], t['first_s'], '.1f')} | "
-                f"{_pair(j['median_s_per_image'], t['median_s_per_image'], '.2f')} | {c['ratio_jax_over_torch']:.2f} | "
-                f"{m} | {j['adam_steps']} / {t['adam_steps']} |"
-            )
-    return "\n".join(lines)
+            m = _pair(mj["run_peak_mib"], mt["run_peak_mib"], ".0f")
+            if s["device"] != "gpu":
+                m += f" ({_pair(mj['peak_mib'], mt['peak_mib'], '.0f')})"
+            rows.append([name, case, _pair(j["first_s"], t["first_s"], ".1f"),
+                         _pair(j["median_s_per_image"], t["median_s_per_image"], ".2f"),
+                         f"{c['ratio_jax_over_torch']:.2f}", m, f"{j['adam_steps']} / {t['adam_steps']}"])
+    intro = (f"Null-text inversion of one image, {s['num_steps']} steps x {s['num_inner_steps']} inner iterations, w = "
+             f"{GUIDANCE}, {s['dtype']}, device {s['device']}; timed from latents + text embeddings (VAE and text "
+             f"encoder excluded); median of {s['repeats']} alternating runs. Cells: nti-jax / torch.")
+    return _table(meta, intro, ["model", "case", "compile/warm-up s", "s/image", "nti-jax / torch", mem, "Adam steps"], rows)
 
 
 def agreement_table(meta: dict, models: dict) -> str:
-    lines = [
-        header(meta),
-        "",
-        "Agreement, fixed case (same inputs): max |phi_jax - phi_torch| over all steps, the same relative to "
-        "how far torch moved phi (max, and L2 over all elements), the final losses' max relative difference "
-        "and x_T's.",
-        "",
-        "| model | max abs diff phi | / max phi move | L2 diff / L2 move | final loss rel diff | x_T rel diff |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, res in models.items():
-        a = res.get("agreement")
-        if a:
-            lines.append(
-                f"| {name} | {a['phi_max_abs_diff']:.2e} | {a['phi_diff_over_moved']:.2e} | {a['phi_l2_diff_over_l2_move']:.2e} | "
-                f"{a['final_loss_max_rel_diff']:.2e} | {a['x_T_max_rel_diff']:.2e} |"
-            )
-    return "\n".join(lines)
+    intro = ("Agreement, fixed case (same inputs): max |phi_jax - phi_torch| over all steps, the same relative to "
+             "how far torch moved phi (max, and L2 over all elements), the final losses' max relative difference "
+             "and x_T's.")
+    keys = ("phi_max_abs_diff", "phi_diff_over_moved", "phi_l2_diff_over_l2_move", "final_loss_max_rel_diff", "x_T_max_rel_diff")
+    rows = [[name] + [f"{res['agreement'][k]:.2e}" for k in keys] for name, res in models.items() if res.get("agreement")]
+    columns = ["model", "max abs diff phi", "/ max phi move", "L2 diff / L2 move", "final loss rel diff", "x_T rel diff"]
+    return _table(meta, intro, columns, rows)
 
 
 def batch_table(meta: dict, models: dict) -> str:
     s = meta["settings"]
     mem = "peak GPU MiB" if s["device"] == "gpu" else "peak RSS MiB run"
-    lines = [
-        header(meta),
-        "",
-        f"nti-jax batch scaling: B images per program call, {s['num_steps']} steps x {s['num_inner_steps']} "
-        f"iterations (early stop off), {s['dtype']}; median of {s['batch_repeats']} runs after a compiling call.",
-        "",
-        f"| model | batch | compile/warm-up s | s/batch | images/s | speed-up over batch {s['batches'][0]} | {mem} |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, res in models.items():
-        for r in res.get("batch_scaling", []):
-            lines.append(
-                f"| {name} | {r['batch']} | {r['first_s']:.1f} | {r['median_s']:.2f} | {r['images_per_s']:.3f} | "
-                f"{r['speedup']:.2f} | {_fmt(r['memory']['run_peak_mib'], '.0f')} |"
-            )
-    return "\n".join(lines)
+    intro = (f"nti-jax batch scaling: B images per program call, {s['num_steps']} steps x {s['num_inner_steps']} "
+             f"iterations (early stop off), {s['dtype']}; median of {s['batch_repeats']} runs after a compiling call.")
+    rows = [[name, str(r["batch"]), f"{r['first_s']:.1f}", f"{r['median_s']:.2f}", f"{r['images_per_s']:.3f}",
+             f"{r['speedup']:.2f}", _fmt(r["memory"]["run_peak_mib"], ".0f")]
+            for name, res in models.items() for r in res.get("batch_scaling", [])]
+    columns = ["model", "batch", "compile/warm-up s", "s/batch", "images/s", f"speed-up over batch {s['batches'][0]}", mem]
+    return _table(meta, intro, columns, rows)
 
 
 def flops_table(meta: dict, models: dict) -> str:
     s = meta["settings"]
-    lines = [
-        header(meta),
-        "",
-        f"FLOPs (XLA cost analysis of the nti-jax UNet), fixed case: per image {s['num_steps']} x 2 forwards (B = 1: "
-        f"pivot and eps_c), {s['num_steps']} x {s['num_inner_steps']} forward+backward w.r.t. phi (B = 1) and "
-        f"{s['num_steps']} CFG forwards (B = 2). Achieved = GFLOP per image / median s per image.",
-        "",
-        "| model | GFLOP fwd B=1 | GFLOP fwd B=2 | GFLOP fwd+bwd B=1 | GFLOP/image | nti-jax GFLOP/s | torch GFLOP/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    intro = (f"FLOPs (XLA cost analysis of the nti-jax UNet), fixed case: per image {s['num_steps']} x 2 forwards (B = 1: "
+             f"pivot and eps_c), {s['num_steps']} x {s['num_inner_steps']} forward+backward w.r.t. phi (B = 1) and "
+             f"{s['num_steps']} CFG forwards (B = 2). Achieved = GFLOP per image / median s per image.")
+    rows = []
     for name, res in models.items():
         f = res.get("flops")
         if f:
             c = f["per_call"]
-            lines.append(
-                f"| {name} | {c['fwd_b1'] / 1e9:.3f} | {c['fwd_b2'] / 1e9:.3f} | {c['fwdbwd_b1'] / 1e9:.3f} | "
-                f"{f['gflop_per_image']:.1f} | {_fmt(f.get('gflops_jax'), '.1f')} | {_fmt(f.get('gflops_torch'), '.1f')} |"
-            )
-    return "\n".join(lines)
+            rows.append([name, f"{c['fwd_b1'] / 1e9:.3f}", f"{c['fwd_b2'] / 1e9:.3f}", f"{c['fwdbwd_b1'] / 1e9:.3f}",
+                         f"{f['gflop_per_image']:.1f}", _fmt(f.get("gflops_jax"), ".1f"), _fmt(f.get("gflops_torch"), ".1f")])
+    columns = ["model", "GFLOP fwd B=1", "GFLOP fwd B=2", "GFLOP fwd+bwd B=1", "GFLOP/image", "nti-jax GFLOP/s", "torch GFLOP/s"]
+    return _table(meta, intro, columns, rows)
 
 
 # --------------------------------------------------------------------------------------------
