@@ -91,11 +91,6 @@ def inversion_table(pipe, n: int, batch: int) -> dict:
     return table
 
 
-def _masked_psnr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
-    d = (a.astype(np.float64) - b.astype(np.float64))[keep] / 255.0
-    return float(10 * np.log10(1.0 / max(np.mean(d**2), 1e-12)))
-
-
 EDIT_METHODS = ("null-text", "direct")
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -111,7 +106,7 @@ def _swaps(seeds) -> list[dict]:
         truth = shapes.render_batch([seed], 64, color=target, shape=shape, background=background)[0][0]
         out.append({"image": img, "mask": mask, "source": cap, "color": color, "target_color": target,
                     "target": shapes.caption(target, shape, background), "truth": truth,
-                    "background": shapes._erode_min(shapes._erode_min(1.0 - mask)) > 0.99})  # >= 2 px from the object
+                    "background": shapes.interior(1.0 - mask)})  # >= 2 px from the object
     return out
 
 
@@ -122,15 +117,15 @@ def _blend(sw: dict, threshold: float) -> "nti_jax.Replace":
 
 def _score(sw: dict, rows: np.ndarray) -> dict:
     src, edited = rows[0], rows[1]
-    inner = shapes._erode_min(shapes._erode_min(sw["mask"])) > 0.99  # object pixels >= 2 px from its edge
+    inner, bg = shapes.interior(sw["mask"]), sw["background"]
     mean_rgb = lambda im: im[inner].astype(np.float64).mean(0) if inner.any() else np.zeros(3)
     wanted = mean_rgb(sw["truth"]) - mean_rgb(sw["image"])
     return {
         # mean object colour change of the edit over the true change: 1 is exact, > 1 overshoot
         "colour_change_ratio": float(np.linalg.norm(mean_rgb(edited) - mean_rgb(src)) / max(np.linalg.norm(wanted), 1e-9)),
         "object_is_target": shapes.dominant_colors(edited, sw["mask"])[0] == sw["target_color"],
-        "background_psnr": _masked_psnr(edited, sw["image"], sw["background"]),
-        "background_psnr_vs_reconstruction": _masked_psnr(edited, src, sw["background"]),
+        "background_psnr": psnr(edited[bg], sw["image"][bg]),
+        "background_psnr_vs_reconstruction": psnr(edited[bg], src[bg]),
         "psnr_vs_true_edit": psnr(edited, sw["truth"]),
     }
 

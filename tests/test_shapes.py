@@ -13,6 +13,7 @@ from nti_jax.toy.shapes import (
     caption,
     classify_color,
     dominant_colors,
+    interior,
     parse_caption,
     render,
     render_batch,
@@ -270,3 +271,15 @@ def test_dominant_colors_robust_to_oversaturation_and_noise():
     img[rng.random(s.mask.shape) < 0.05] = 255  # salt
     img = np.clip(img, 0, 255).astype(np.uint8)
     assert dominant_colors(img, s.mask) == ("black", "white")
+
+
+def test_interior_keeps_pixels_px_inside_the_mask():
+    m = np.zeros((12, 12), np.float32)
+    m[2:10, 3:9] = 1.0
+    m[2, 3] = 0.5  # a partly covered pixel counts as outside
+    expect = np.zeros((12, 12), bool)
+    expect[4:8, 5:7] = True
+    expect[4, 5] = False  # 2 px from the partly covered corner
+    np.testing.assert_array_equal(interior(m, 2), expect)
+    bg = interior(1.0 - m, 1)
+    assert not bg[1:11, 2:10].any() and bg[0].all() and bg[:, 0].all()

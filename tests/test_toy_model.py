@@ -71,7 +71,7 @@ def test_colour_swap_with_direct_inversion_and_local_blend_keeps_the_background(
     truth = shapes.render(EVAL_SEED0 + 4, 64, color=target).image
     tgt = shapes.caption(target, s.shape, s.background)
     blend = nti_jax.Replace(blend=nti_jax.LocalBlend([[s.color], [target]], threshold=0.5))
-    background = shapes._erode_min(shapes._erode_min(1.0 - s.mask)) > 0.99
+    background = shapes.interior(1.0 - s.mask)
     bg_psnr = lambda img: psnr(img[background], s.image[background])
     got = {}
     for method in ("direct", "null-text"):

@@ -380,6 +380,15 @@ def _erode_min(m: np.ndarray) -> np.ndarray:
     return np.min([p[i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=0)
 
 
+def interior(mask: np.ndarray, px: int = 2) -> np.ndarray:
+    """Pixels at least ``px`` pixels inside a coverage mask (``interior(1 - mask)``: background
+    at least ``px`` pixels from the object), as a bool array."""
+    m = np.asarray(mask, np.float32)
+    for _ in range(px):
+        m = _erode_min(m)
+    return m > 0.99
+
+
 def dominant_colors(image: np.ndarray, mask: np.ndarray) -> tuple[str, str]:
     """``(object_color_name, background_color_name)`` of an image given an object mask.
 
