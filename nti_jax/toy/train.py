@@ -95,13 +95,13 @@ def _cutmix(a: jax.Array, key, factor: int) -> tuple[jax.Array, jax.Array]:
     return box[..., None], pix[..., None]
 
 
-def make_decoder_step(vae: AutoencoderKL, opt, factor: int = 4):
+def make_decoder_step(vae: AutoencoderKL, opt, factor: int):
     """MSE fine-tuning of post_quant_conv + decoder on the frozen encoder's posterior means: the
     latents (and so the UNet trained on them) stay valid while the reconstruction bound rises.
     Half the latents are cut-and-pasted from another image of the batch (pixels pasted alike):
     in a world of flat backgrounds the decoder otherwise reads colours from the whole latent
-    through its mid-block attention, so an edit inside a mask repaints pixels far outside it,
-    which real SD decoders, trained on varied images, do not do."""
+    (GroupNorm statistics, mid-block attention), so an edit inside a LocalBlend mask repaints
+    pixels far outside it. `factor` is the VAE's downsampling."""
 
     def loss_fn(dec, x, enc, key):
         mean, _ = vae.apply({"params": enc}, x, method=AutoencoderKL.encode)
@@ -305,7 +305,7 @@ def finetune_decoder(args) -> None:
         state = _load(ckpt)
         dec, step0 = state["dec"], int(state["step"])
         opt_state = serialization.from_state_dict(opt_state, state["opt"])
-    step = make_decoder_step(vae, opt)
+    step = make_decoder_step(vae, opt, pipe.latent_factor)
     t0, losses = time.time(), []
     for s in range(step0, args.decoder_steps):
         seeds = range(DECODER_SEED0 + s * args.vae_batch, DECODER_SEED0 + (s + 1) * args.vae_batch)
