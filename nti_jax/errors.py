@@ -19,3 +19,7 @@ class ImageError(NtiError, ValueError):
 
 class OptimisationError(NtiError):
     """A numerical failure that could not be recovered from."""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt longer than the text encoder's limit (77 tokens) was cut to it, as diffusers does."""

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import sys
+import warnings
 from functools import partial
 from typing import Any, Optional, Sequence
 
@@ -18,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .convert import from_torch_layout, load_state
-from .errors import ModelError, PromptError
+from .model_config import CONFIG_ADVICE, WEIGHT_FILES, check_folder, read_configs
+from .errors import ModelError, PromptError, PromptTruncatedWarning
 from .models import (
-    AttentionHook,
     AutoencoderKL,
     CLIPTextConfig,
     CLIPTextModel,
@@ -89,23 +92,34 @@ class Pipeline:
     def max_tokens(self) -> int:
         return self.text_encoder.config.max_position_embeddings
 
-    def unet_fn(self, params, latents, timesteps, context, hook: Optional[AttentionHook] = None):
-        """The UNet as a pure function of its params, for use inside other jitted programs."""
-        return self.unet.apply({"params": params}, latents, timesteps, context, hook)
+    def _full_ids(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
+        return self.tokenizer(prompt, verbose=False)["input_ids"]  # verbose=False: no length warning
+
+    def truncation(self, prompt: str) -> Optional[str]:
+        """The text `tokenize` cuts from `prompt` (diffusers' "removed text"), or None if it fits."""
+        full, n = self._full_ids(prompt), self.max_tokens
+        return self.tokenizer.decode(full[n - 1 : -1]) if len(full) > n else None
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        """Token ids (B, 77), padded; a prompt longer than 77 tokens is a PromptError."""
+        """Token ids (B, 77), padded. A longer prompt is cut by the tokenizer's truncation as
+        diffusers does (bos, its first 75 tokens, eos), with one PromptTruncatedWarning each."""
         if isinstance(prompts, str):
             prompts = [prompts]
         n = self.max_tokens
         ids = []
         for p in prompts:
-            if not isinstance(p, str):
-                raise PromptError(f"prompt must be a string, got {type(p).__name__}")
-            tok = self.tokenizer(p, padding="max_length", max_length=n, truncation=False)["input_ids"]
-            if len(tok) > n:
-                raise PromptError(f"prompt has {len(tok)} tokens, more than the model's {n}: {p!r}")
-            ids.append(tok)
+            full = self._full_ids(p)
+            if len(full) > n:
+                warnings.warn(
+                    PromptTruncatedWarning(
+                        f"The following part of your input was truncated because CLIP can only handle sequences "
+                        f"up to {n} tokens ({len(full) - n} tokens cut): {self.tokenizer.decode(full[n - 1 : -1])!r}"
+                    ),
+                    stacklevel=2,
+                )
+            ids.append(self.tokenizer(p, padding="max_length", max_length=n, truncation=True)["input_ids"])
         return np.asarray(ids, dtype=np.int32)
 
     def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
@@ -128,18 +142,20 @@ class Pipeline:
         return _predict_noise(self.unet, self.params["unet"], jnp.asarray(latents), jnp.asarray(timestep), jnp.asarray(text_emb))
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ModelError(f"missing {path}")
-    with open(path) as f:
-        return json.load(f)
-
-
 def resolve_model(model: str) -> str:
     """A local folder as is; otherwise a hub id resolved through huggingface_hub's cache."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(f"model must be a folder path or hub id, got {type(model).__name__}")
+    model = os.fspath(model)
     if os.path.isdir(model):
         return model
-    if os.path.exists(model) or model.startswith((".", "/", "~")):
+    if os.path.exists(model):
+        single = "; convert a single-file checkpoint with diffusers: StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
+        raise ModelError(
+            f"model {model} is a file, not a diffusers folder with unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+            + (single if model.endswith((".safetensors", ".ckpt")) else "")
+        )
+    if model.startswith((".", "/", "~")):
         raise ModelError(f"model folder {model} does not exist")
     try:
         from huggingface_hub import snapshot_download
@@ -174,7 +190,11 @@ def build_modules(unet_config: dict, vae_config: dict, text_config: dict, dtype:
 
 def param_shapes(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel) -> dict:
     """Shape trees of the three param sets (no allocation); also the init recipe for training."""
-    return jax.eval_shape(lambda: init_params(unet, vae, text, jax.random.PRNGKey(0)))
+    try:
+        return jax.eval_shape(lambda: init_params(unet, vae, text, jax.random.PRNGKey(0)))
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"the model configs describe networks that cannot be built ({msg})") from None
 
 
 def init_params(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel, key) -> dict:
@@ -191,31 +211,64 @@ def init_params(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextMo
     }
 
 
-_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
 
 def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = False) -> Pipeline:
-    """Load a diffusers-format SD 1.x/2.x folder or hub id. `dtype` is the UNet/text compute dtype."""
+    """Load a diffusers-format SD 1.x/2.x folder or hub id. `dtype` is the UNet/text compute dtype.
+
+    Every file is checked before it is used (configs, safetensors headers, the tokenizer): a
+    missing or damaged one is a one-line ModelError naming it. Weights are memory-mapped and
+    checked before the networks are traced, so a damaged download fails in a fraction of a second."""
     folder = resolve_model(model)
+    check_folder(folder, model)
     sub = lambda name: os.path.join(folder, name)
-    configs = {k: _read_json(sub(f"{k}/config.json")) for k in _WEIGHT_FILES}
-    sched = _read_json(sub("scheduler/scheduler_config.json"))
+    configs, sched = read_configs(folder)
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    states = {k: load_state(sub(k), base, allow_pickle=allow_pickle) for k, base in WEIGHT_FILES.items()}
+    tokenizer = load_tokenizer(sub("tokenizer"))
     unet, vae, text = build_modules(configs["unet"], configs["vae"], configs["text_encoder"], dtype)
     templates = param_shapes(unet, vae, text)
     params = {
-        k: jax.tree_util.tree_map(
-            jnp.asarray,
-            from_torch_layout(load_state(sub(k), base, allow_pickle=allow_pickle), templates[k], what=k),
-        )
-        for k, base in _WEIGHT_FILES.items()
+        k: jax.tree_util.tree_map(jnp.asarray, from_torch_layout(states.pop(k), templates[k], what=k))
+        for k in WEIGHT_FILES
     }
-    try:
+    return Pipeline(unet, vae, text, params, tokenizer, sched, name=model)
+
+
+# What transformers logs on import when torch is absent (5.x; 4.x when flax is absent too).
+_TORCH_NOTICES = ("PyTorch was not found", "None of PyTorch, TensorFlow")
+
+
+def _not_the_torch_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_TORCH_NOTICES)
+
+
+def clip_tokenizer_class() -> type:
+    """transformers' CLIPTokenizer, imported without the "PyTorch was not found" notice that
+    transformers logs when torch is absent (nti-jax never needs torch); other messages pass."""
+    if "transformers" in sys.modules:
         from transformers import CLIPTokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(sub("tokenizer"))
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelError(f"cannot load the tokenizer from {sub('tokenizer')}: {e}") from None
-    return Pipeline(unet, vae, text, params, tokenizer, sched, name=model)
+        return CLIPTokenizer
+    logger = logging.getLogger("transformers")
+    logger.addFilter(_not_the_torch_notice)
+    try:
+        from transformers import CLIPTokenizer
+    finally:
+        logger.removeFilter(_not_the_torch_notice)
+    return CLIPTokenizer
+
+
+def load_tokenizer(folder: str):
+    """The CLIP tokenizer of a model's tokenizer/ folder; ModelError if it cannot be read."""
+    if not os.path.isdir(folder):
+        raise ModelError(f"missing the tokenizer folder {folder}")
+    try:
+        return clip_tokenizer_class().from_pretrained(folder)
+    except Exception as e:  # tokenizers reports damaged vocab/merges files in many ways
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the tokenizer from {folder} ({msg}); {CONFIG_ADVICE}") from None
 
 
 def save_pipeline(folder: str, configs: dict, params: dict, scheduler_config: dict, tokenizer_dir: str) -> str:
@@ -229,7 +282,7 @@ def save_pipeline(folder: str, configs: dict, params: dict, scheduler_config: di
 
     from .convert import to_torch_layout
 
-    for k, base in _WEIGHT_FILES.items():
+    for k, base in WEIGHT_FILES.items():
         os.makedirs(os.path.join(folder, k), exist_ok=True)
         with open(os.path.join(folder, k, "config.json"), "w") as f:
             json.dump(configs[k], f, indent=2)

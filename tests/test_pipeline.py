@@ -11,7 +11,7 @@ import torch
 import nti_jax
 from nti_jax import pipeline as pl
 from nti_jax import testing
-from nti_jax.errors import ModelError, PromptError
+from nti_jax.errors import ModelError, PromptTruncatedWarning
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +101,50 @@ def test_fp16_variant_files_load(sd1_folder, tmp_path):
     assert rel_err(p16.predict_noise(x, 7, ctx), want) <= 1e-4
 
 
-def test_overlong_prompt_is_a_prompt_error(pipe):
-    with pytest.raises(PromptError, match="more than the model's 77"):
-        pipe.encode_prompt(["word " * 100])
+def test_long_prompt_is_truncated_as_diffusers_does(sd1_folder, pipe):
+    """diffusers' own encode_prompt is the oracle: same embedding, same removed text."""
+    import logging
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    sd = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(os.path.join(sd1_folder, "vae")),
+        text_encoder=CLIPTextModel.from_pretrained(os.path.join(sd1_folder, "text_encoder")).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(sd1_folder, "tokenizer")),
+        unet=UNet2DConditionModel.from_pretrained(os.path.join(sd1_folder, "unet")),
+        scheduler=DDIMScheduler.from_pretrained(sd1_folder, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    long = ", ".join(f"a {c} {s} on a {b} background" for c, s, b in zip(["red", "green", "blue"] * 4, ["circle", "square", "triangle"] * 4, ["white", "black", "gray"] * 4))
+    full = sd.tokenizer(long, verbose=False).input_ids
+    assert len(full) > 77 + 10
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    sd_logger = logging.getLogger(StableDiffusionPipeline.__module__)
+    sd_logger.addHandler(handler)
+    try:
+        with torch.no_grad():
+            want, _ = sd.encode_prompt(long, "cpu", 1, False)
+    finally:
+        sd_logger.removeHandler(handler)
+    (record,) = [r for r in records if "truncated" in r.getMessage()]
+
+    with pytest.warns(PromptTruncatedWarning) as caught:
+        ids = pipe.tokenize([long, "a short one"])
+    assert len(caught) == 1
+    assert ids.shape == (2, 77) and ids[0].tolist() == full[:76] + [49407]  # bos, first 75 tokens, eos
+    removed = pipe.truncation(long)
+    assert record.getMessage().endswith(str([removed]))
+    assert f"({len(full) - 77} tokens cut): {removed!r}" in str(caught[0].message)
+    assert pipe.truncation("a short one") is None
+    with pytest.warns(PromptTruncatedWarning):
+        emb = pipe.encode_prompt([long])
+    assert rel_err(emb, want.numpy()) <= 1e-4
 
 
 def test_missing_file_is_a_model_error(sd1_folder, tmp_path):

@@ -149,9 +149,9 @@ class Captions:
     """Token ids of captions, cached (the world has 216 of them, plus "")."""
 
     def __init__(self):
-        from transformers import CLIPTokenizer
+        from ..pipeline import load_tokenizer
 
-        self.tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+        self.tok = load_tokenizer(TOKENIZER_DIR)
         self.cache: dict[str, list[int]] = {}
 
     def __call__(self, captions) -> np.ndarray:
