@@ -13,7 +13,7 @@ VAE encoder and the text encoder are NOT in the timing; both sides get the same 
     one image at a time. The UNet weights are frozen (`requires_grad_(False)`), the stronger
     baseline; `--torch-weight-grads` keeps the notebook's weight gradients (~1.3-1.5x slower
     backward passes on CPU).
-  * nti-jax: `nti_jax.inversion.invert_program`, the jitted pivot + optimisation program of
+  * nti-jax: `nti_jax.inversion.invert_program(Denoiser, InvertInputs)`, the jitted pivot + optimisation program of
     `nti_jax.invert`, early stop in a `lax.while_loop`.
 Both load the same diffusers folder (`nti_jax.load_pipeline` / `UNet2DConditionModel`).
 
@@ -428,7 +428,7 @@ class JaxImpl:
             from nti_jax.toy import shapes
 
             samples = [shapes.render(TOY_SEED + k, pipe.image_size) for k in range(batch)]
-            ins = self.inv.prepare_inputs(pipe, [s.image for s in samples], [s.caption for s in samples], 1)
+            ins = self.inv.prepare_inputs(pipe, [s.image for s in samples], [s.caption for s in samples], self.inv.InvertSettings(num_steps=1))
             return {k: np.asarray(getattr(ins, k), np.float32) for k in ("z0", "cond", "null")}
         cfg = pipe.unet.config
         rng = np.random.default_rng(seed)
@@ -446,12 +446,15 @@ class JaxImpl:
 
     def run(self, num_steps: int, num_inner_steps: int, early_stop_epsilon: float, keep: bool = False) -> dict:
         inv, jax = self.inv, self.jax
-        settings = inv.check_settings(self.pipe, "null-text", num_steps, GUIDANCE, num_inner_steps, early_stop_epsilon)
-        sched = inv.model_schedule(self.pipe, num_steps)
-        args = inv.core_args(self.pipe, inv.InvertInputs(self.z0, self.cond, self.null, sched), settings)
-        args = jax.block_until_ready(args)
+        from nti_jax.sampling import Denoiser, model_schedule
+
+        jnp = self.jnp
+        inputs = inv.InvertInputs(self.z0, self.cond, self.null, model_schedule(self.pipe, num_steps), jnp.float32(GUIDANCE),
+                                  jnp.int32(num_inner_steps), jnp.float32(early_stop_epsilon))
+        model = jax.block_until_ready(Denoiser.of(self.pipe))
+        inputs = jax.block_until_ready(inputs)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(inv.invert_program(**args))
+        out = jax.block_until_ready(inv.invert_program(model, inputs, method="null-text"))
         seconds = time.perf_counter() - t0
         pivots, phi, iters, losses, _ = out
         b = self.z0.shape[0]
@@ -464,10 +467,12 @@ class JaxImpl:
 
     def flops(self) -> dict:
         """XLA's FLOP count of one UNet forward (B = 1, 2) and one forward+backward w.r.t. the context."""
+        from nti_jax.sampling import Denoiser
+
         jax, jnp, pipe = self.jax, self.jnp, self.pipe
         cfg = pipe.unet.config
         params = pipe.params["unet"]
-        fwd = lambda p, x, t, c: pipe.unet_fn(p, x, t, c)
+        fwd = lambda p, x, t, c: Denoiser(p, pipe.unet)(x, t, c)
 
         def fwdbwd(p, x, t, c):
             return jax.value_and_grad(lambda c: jnp.mean(fwd(p, x, t, c) ** 2))(c)

@@ -1,9 +1,11 @@
 """nti-jax: Null-text Inversion and Prompt-to-Prompt editing of real images, in JAX."""
 
-from .errors import ImageError, ModelError, NtiError, OptimisationError, PromptError
-from .inversion import Inversion, generate, invert, reconstruct
+from .errors import ImageError, ModelError, NtiError, OptimisationError, PromptError, PromptTruncatedWarning
+from .inversion import Inversion, invert
 from .p2p import LocalBlend, Refine, Replace, Reweight, attention_maps, edit
 from .pipeline import Pipeline, load_pipeline
+from .sampling import generate, reconstruct
+from .settings import InvertSettings
 
 __all__ = [
     "LocalBlend",
@@ -15,11 +17,13 @@ __all__ = [
     "generate",
     "ImageError",
     "Inversion",
+    "InvertSettings",
     "ModelError",
     "NtiError",
     "OptimisationError",
     "Pipeline",
     "PromptError",
+    "PromptTruncatedWarning",
     "invert",
     "load_pipeline",
     "reconstruct",

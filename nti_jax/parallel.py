@@ -1,42 +1,40 @@
 """Many images on many devices and many hosts.
 
-* One host: the local devices form a 1-D mesh over the batch axis. `ShardedInverter` wraps
-  `inversion.invert_core` in `jax.shard_map` and jits it, so every device runs its own copy of
-  the program (its own `while_loop`s: each device's early stop is independent of the others) on
-  its slice of the batch. `ShardedInverter.prepare` has each device encode its own images and
-  prompts, so a device computes exactly what a single-device run with the same per-device batch
-  computes (pivots bit-identical on CPU; the null embeddings agree to float rounding of the
-  gradients, ~1e-3 of how far they moved).
-* After the inversion, `device_replicas` gives one `Pipeline` per device (the replicated UNet
-  parameters' own buffers) and `split_rows` the rows each device already holds, so
-  reconstruction and editing also run on every device at once.
+* One host: the local devices form a 1-D mesh over the batch axis. `ShardedInverter.invert` is the
+  one call into the devices: each device encodes its own images and prompts, then
+  `inversion.invert_core` runs in `jax.shard_map` (every device its own `while_loop`s: each
+  device's early stop is independent of the others) and each device's rows come back as
+  `Inversion`s that stay on that device. A device computes exactly what a single-device run with
+  the same per-device batch computes (pivots bit-identical on CPU; the null embeddings agree to
+  float rounding of the gradients, ~1e-3 of how far they moved). `reconstruct` and `replica`
+  let reconstruction and editing run on every device at once too.
 * Several hosts (`jax.distributed`): every process takes the manifest items i with
   i % num_processes == process_index (`host_share`) and inverts them on its own devices (no
-  cross-host collectives), writes its own results file, waits at a barrier (`barrier`, the
-  runtime's key-value barrier) and process 0 merges the files (`merge_jsonl`).
+  cross-host collectives); the driver then meets the other processes at `FileBarrier` in the
+  shared output folder and process 0 merges their results files.
 * `enable_compilation_cache`: JAX's persistent compilation cache. Only process 0 writes entries;
   on GPU the key ignores device ids, so with the cache on a shared filesystem every process
   reuses them; on CPU and TPU the key holds the device ids of the process-local program, so
   processes other than 0 compile on every run.
-
-Nothing here prints or reads the command line; `cli.py` drives it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-from typing import Callable, Iterable, Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .inversion import BATCHED_FIELDS, Inversion, InvertInputs, InvertSettings, core_args, invert_core, prepare_inputs
-from .io import atomic_path
+from .inversion import BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, assemble, invert_core, prepare_inputs
 from .pipeline import Pipeline
+from .sampling import Denoiser, reconstruct
+from .settings import InvertSettings
 
 AXIS = "batch"
 BARRIER_TIMEOUT_S = 7 * 24 * 3600.0
@@ -119,65 +117,37 @@ def host_share(n_items: int, process_index: int, process_count: int) -> list[int
     return [i for i in range(n_items) if i % process_count == process_index]
 
 
-def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
-    """Wait until every process reaches the barrier `name` (a no-op with one process).
+class FileBarrier:
+    """Processes meeting in a folder they all share (the run's output folder), with no device
+    collective and no private JAX API: each process writes `<folder>/.nti-sync/<token>.<name>.<pid>`
+    and waits until every process's file is there. `token` (process 0's, broadcast at start with
+    `new_token`) keeps a rerun from meeting a previous run's files."""
 
-    Uses the distributed runtime's key-value barrier, which needs no device collectives and
-    waits as long as the slowest process takes (up to `timeout_s`; a process that dies is
-    reported by the runtime's heartbeats). `multihost_utils.sync_global_devices` is not used:
-    on CPU its gloo context gives up after 30 s, when processes finish their shares at
-    different times.
-    """
-    if jax.process_count() == 1:
-        return
-    from jax._src import distributed  # the runtime client; JAX's own checkpointing uses it so
+    def __init__(self, folder: str, token: str, process_index: int, process_count: int):
+        self.dir = os.path.join(folder, ".nti-sync")
+        self.token, self.pid, self.nproc = token, process_index, process_count
 
-    client = distributed.global_state.client
-    if client is None:  # pragma: no cover - multi-process without jax.distributed
+    @staticmethod
+    def new_token() -> str:
+        """One token for the run, the same on every process (process 0's clock, broadcast)."""
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
-        return
-    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+        mine = np.int64(time.time_ns() % (2**62))
+        return format(int(multihost_utils.broadcast_one_to_all(mine)), "x") if jax.process_count() > 1 else format(int(mine), "x")
 
-
-def results_file(out_dir: str, process_index: int, process_count: int) -> str:
-    """This process's results file: results.jsonl alone, results.<process>.jsonl on several hosts."""
-    name = "results.jsonl" if process_count == 1 else f"results.{process_index}.jsonl"
-    return os.path.join(out_dir, name)
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSON-lines file; a torn last line (a crash mid-write) is ignored."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def write_jsonl(path: str, rows: Iterable[dict]) -> None:
-    """Write all rows at once, atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-
-
-def merge_jsonl(out_path: str, parts: Sequence[str], key: str = "index") -> list[dict]:
-    """Merge per-process results files into `out_path`, ordered by `key` (manifest order)."""
-    rows = [r for p in parts for r in read_jsonl(p)]
-    rows.sort(key=lambda r: r.get(key, 0))
-    write_jsonl(out_path, rows)
-    return rows
+    def wait(self, name: str, timeout_s: float = BARRIER_TIMEOUT_S, poll_s: float = 0.2) -> None:
+        """Arrive at barrier `name` and wait for the others (a no-op with one process)."""
+        if self.nproc == 1:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        path = lambda p: os.path.join(self.dir, f"{self.token}.{name}.{p}")
+        with open(path(self.pid), "w") as f:
+            f.write("arrived\n")
+        deadline = time.time() + timeout_s
+        while not all(os.path.exists(path(p)) for p in range(self.nproc)):
+            if time.time() > deadline:
+                raise TimeoutError(f"processes did not all reach {name!r} within {timeout_s:.0f} s")
+            time.sleep(poll_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,157 +161,21 @@ def local_mesh(devices: Optional[Sequence] = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=32)
-def sharded_program(mesh: Mesh, unet, prediction_type: str, method: str, progress):
-    """`invert_core` in `jax.shard_map` over `mesh`, jitted; one per (mesh, static settings), shared
-    by every `ShardedInverter` so a program is traced and compiled once per process.
-
-    Arguments: (unet params, schedule, z0, cond, null, guidance, num_inner_steps,
-    early_stop_epsilon); z0/cond/null sharded over the batch, the rest replicated.
-    """
-    def per_device(params, sched, z0, cond, null, guidance, num_inner_steps, early_stop_epsilon):
-        return invert_core(
-            unet, params, prediction_type, method, progress, sched, z0, cond, null, guidance, num_inner_steps, early_stop_epsilon
-        )
-
-    rep, bat = P(), P(AXIS)
+def sharded_program(mesh: Mesh, method: str, progress: Optional[Callable]):
+    """`invert_core(model, inputs)` in `jax.shard_map` over `mesh`, jitted; one per (mesh, static
+    settings), shared by every `ShardedInverter` so a program is traced and compiled once per
+    process. The model is replicated; `inputs` split as `InvertInputs.specs` says."""
+    core = functools.partial(invert_core, method=method, progress=progress)
     return jax.jit(
         jax.shard_map(
-            per_device,
+            core,
             mesh=mesh,
-            in_specs=(rep, rep, bat, bat, bat, rep, rep, rep),
-            out_specs=bat,
+            in_specs=(P(), InvertInputs.specs(AXIS)),
+            out_specs=P(AXIS),
             # The loops are per device by design: each device's while_loop stops on its own rows.
             check_vma=False,
         )
     )
-
-
-class ShardedInverter:
-    """`invert_core` over a mesh: a batch of `per_device * mesh.size` rows, `per_device` per device.
-
-    The compiled program is kept per (static settings, progress callable), so batches of the same
-    shape never recompile; the UNet parameters are replicated onto the devices once per pipeline.
-    """
-
-    def __init__(self, mesh: Mesh):
-        self.mesh = mesh
-        self._programs: dict = {}
-        self._params_for = None  # (pipe, replicated params)
-
-    @property
-    def num_devices(self) -> int:
-        return self.mesh.size
-
-    def replicated(self, tree):
-        return jax.device_put(tree, NamedSharding(self.mesh, P()))
-
-    def batch_sharded(self, x):
-        return jax.device_put(x, NamedSharding(self.mesh, P(AXIS)))
-
-    def unet_params(self, pipe: Pipeline):
-        if self._params_for is None or self._params_for[0] is not pipe:
-            self._params_for = (pipe, self.replicated(pipe.params["unet"]))
-        return self._params_for[1]
-
-    def prepare(self, replicas: Sequence[Pipeline], images: Sequence[np.ndarray], prompts: Sequence[str], num_steps: int) -> InvertInputs:
-        """`inversion.prepare_inputs` run by every device on its own rows (`replicas` from
-        `device_replicas`), assembled into batch-sharded arrays: each device encodes exactly the
-        rows a single-device run with the same per-device batch would, in parallel."""
-        n = self.num_devices
-        if len(images) % n or len(prompts) != len(images) or len(replicas) != n:
-            raise ValueError(f"{len(images)} images / {len(prompts)} prompts do not split over {n} devices")
-        if n == 1:
-            return self.place(prepare_inputs(replicas[0], images, prompts, num_steps))
-        b = len(images) // n
-        parts = [prepare_inputs(r, images[d * b : (d + 1) * b], prompts[d * b : (d + 1) * b], num_steps) for d, r in enumerate(replicas)]
-        sharding = NamedSharding(self.mesh, P(AXIS))
-
-        def glue(field):
-            arrays = [jax.device_put(getattr(p, field), dev) for p, dev in zip(parts, self.mesh.devices.flat)]
-            shape = (len(images),) + arrays[0].shape[1:]
-            return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
-
-        return InvertInputs(glue("z0"), glue("cond"), glue("null"), self.replicated(parts[0].sched))
-
-    def place(self, inputs: InvertInputs) -> InvertInputs:
-        """The batch's arrays split over the devices, the schedule on all of them."""
-        if inputs.z0.shape[0] % self.num_devices:
-            raise ValueError(f"a batch of {inputs.z0.shape[0]} rows does not split over {self.num_devices} devices")
-        return InvertInputs(
-            self.batch_sharded(inputs.z0),
-            self.batch_sharded(inputs.cond),
-            self.batch_sharded(inputs.null),
-            self.replicated(inputs.sched),
-        )
-
-    def __call__(self, pipe: Pipeline, inputs: InvertInputs, settings: InvertSettings, progress: Optional[Callable] = None):
-        """(pivots, phi, inner_iterations, final_losses, nonfinite), each sharded over the batch."""
-        kw = core_args(pipe, inputs, settings, progress)
-        key = (kw["unet"], kw["prediction_type"], kw["method"], kw["progress"])
-        if key not in self._programs:
-            self._programs[key] = sharded_program(self.mesh, *key)
-        program = self._programs[key]
-        return program(
-            self.unet_params(pipe),
-            kw["sched"],
-            kw["z0"],
-            kw["cond"],
-            kw["null"],
-            self.replicated(kw["guidance"]),
-            self.replicated(kw["num_inner_steps"]),
-            self.replicated(kw["early_stop_epsilon"]),
-        )
-
-    def compiled_programs(self) -> int:
-        """How many inversion programs this inverter compiled (tests: batches reuse one)."""
-        return sum(p._cache_size() for p in self._programs.values())
-
-
-def _rows_on(x: jax.Array, device, rows: slice, batched: bool) -> jax.Array:
-    """`rows` of a batch-sharded array on `device` (that device's own buffer when it holds exactly
-    those rows), or the whole of an unbatched one (the device's copy when replicated)."""
-    if isinstance(x, jax.Array):
-        for s in x.addressable_shards:
-            if s.device != device:
-                continue
-            if x.sharding.is_fully_replicated:
-                return s.data if not batched else s.data[rows]
-            if batched and s.index and s.index[0] == rows:
-                return s.data
-    x = x[rows] if batched else x
-    return jax.device_put(x, device)
-
-
-def split_rows(inv: Inversion, mesh: Mesh, per_device: int) -> list[Inversion]:
-    """The per-device pieces of a batch `Inversion` the sharded program made: piece d holds rows
-    [d * per_device, (d + 1) * per_device), on device d, without moving data when it is there.
-    """
-    out = []
-    for d, device in enumerate(mesh.devices.flat):
-        rows = slice(d * per_device, (d + 1) * per_device)
-        fields = {k: _rows_on(getattr(inv, k), device, rows, True) for k in BATCHED_FIELDS}
-        fields["timesteps"] = _rows_on(inv.timesteps, device, rows, False)
-        out.append(inv.replace(**fields, prompts=tuple(inv.prompts[rows])))
-    return out
-
-
-def device_replicas(pipe: Pipeline, mesh: Mesh, unet_params=None) -> list[Pipeline]:
-    """One Pipeline per mesh device, its parameters on that device; programs given a replica and
-    that device's rows run there, so the devices work at once. `unet_params`: the UNet parameters
-    already replicated over the mesh (`ShardedInverter.unet_params`), whose per-device buffers are
-    used as they are. With one device: the pipeline itself."""
-    devices = list(mesh.devices.flat)
-    if len(devices) == 1:
-        return [pipe]
-    out = []
-    for device in devices:
-        params = {k: jax.device_put(v, device) for k, v in pipe.params.items() if k != "unet"}
-        if unet_params is not None:
-            params["unet"] = jax.tree_util.tree_map(lambda a: _rows_on(a, device, slice(None), False), unet_params)
-        else:
-            params["unet"] = jax.device_put(pipe.params["unet"], device)
-        out.append(dataclasses.replace(pipe, params=params))
-    return out
 
 
 def pad_rows(n_real: int, capacity: int) -> list[int]:
@@ -357,24 +191,124 @@ def per_device_batch(requested: int, n_items: int, num_devices: int) -> int:
     return max(1, min(requested, -(-n_items // num_devices)))
 
 
+def _local(x: jax.Array, device) -> jax.Array:
+    """`device`'s own piece of a sharded or replicated array (no copy)."""
+    (piece,) = [s.data for s in x.addressable_shards if s.device == device]
+    return piece
+
+
+class ShardedInverter:
+    """Inversion over a mesh: `invert` splits a batch over the devices (padding it to fill them),
+    runs one compiled program per (static settings, progress callable), and returns one `Inversion`
+    per image on the device that made it. The UNet parameters are replicated once per pipeline."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self._programs: dict = {}
+        self._for = None  # (pipe, replicated Denoiser, per-device pipelines)
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    @property
+    def devices(self) -> list:
+        return list(self.mesh.devices.flat)
+
+    def _setup(self, pipe: Pipeline) -> tuple[Denoiser, list[Pipeline]]:
+        if self._for is None or self._for[0] is not pipe:
+            model = jax.device_put(Denoiser.of(pipe), NamedSharding(self.mesh, P()))
+            if self.num_devices == 1:
+                replicas = [pipe]
+            else:
+                replicas = []
+                for device in self.devices:
+                    params = {k: jax.device_put(v, device) for k, v in pipe.params.items() if k != "unet"}
+                    params["unet"] = jax.tree_util.tree_map(lambda a: _local(a, device), model.params)
+                    replicas.append(dataclasses.replace(pipe, params=params))
+            self._for = (pipe, model, replicas)
+        return self._for[1], self._for[2]
+
+    def replica(self, pipe: Pipeline, inv: Inversion) -> Pipeline:
+        """The pipeline whose parameters live on the device that holds `inv` (edits run there)."""
+        _, replicas = self._setup(pipe)
+        (device,) = inv.x_T.devices()
+        return replicas[self.devices.index(device)] if device in self.devices else pipe
+
+    def _prepare(self, replicas: Sequence[Pipeline], images, prompts, settings: InvertSettings) -> InvertInputs:
+        """Each device encodes its own rows; the pieces become batch-sharded arrays."""
+        b = len(images) // self.num_devices
+        parts = [prepare_inputs(r, images[d * b : (d + 1) * b], prompts[d * b : (d + 1) * b], settings) for d, r in enumerate(replicas)]
+        batched, whole = NamedSharding(self.mesh, P(AXIS)), NamedSharding(self.mesh, P())
+
+        def glue(pieces, spec):
+            if spec == P():
+                return jax.device_put(pieces[0], whole)
+            arrays = [jax.device_put(p, dev) for p, dev in zip(pieces, self.devices)]
+            return jax.make_array_from_single_device_arrays((len(images),) + arrays[0].shape[1:], batched, arrays)
+
+        fields = [[getattr(p, f) for p in parts] for f in InvertInputs._fields]
+        return InvertInputs(*[glue(pieces, spec) for pieces, spec in zip(fields, InvertInputs.specs(AXIS))])
+
+    def invert(
+        self, pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings,
+        progress: Optional[Callable] = None,
+    ) -> list[Inversion]:
+        """Invert uint8 square images (at the model's size) with their prompts: one `Inversion`
+        (B = 1) per image, each on the device that inverted it."""
+        if len(images) != len(prompts) or not images:
+            raise ValueError(f"{len(images)} images and {len(prompts)} prompts")
+        model, replicas = self._setup(pipe)
+        per = -(-len(images) // self.num_devices)
+        rows = pad_rows(len(images), per * self.num_devices)
+        padded = [prompts[r] for r in rows]
+        inputs = self._prepare(replicas, [images[r] for r in rows], padded, settings)
+        key = (settings.method, progress)
+        if key not in self._programs:
+            self._programs[key] = sharded_program(self.mesh, *key)
+        out = self._programs[key](model, inputs)
+        invs = []
+        for d, (device, rep) in enumerate(zip(self.devices, replicas)):
+            local = InvertOutputs(*[_local(a, device) for a in out])
+            piece = assemble(rep, settings, padded[d * per : (d + 1) * per], _local(inputs.cond, device),
+                             _local(inputs.sched.timesteps, device), local)
+            invs.extend(piece[j] for j in range(per))
+        return invs[: len(images)]
+
+    def reconstruct(self, pipe: Pipeline, invs: Sequence[Inversion]) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+        """(reconstruction (H,W,3), its latent (h,w,C), the VAE's own decode of z0 (H,W,3)) per
+        inversion, each device reconstructing the rows it holds in one batch."""
+        by_device: dict = {}
+        for k, inv in enumerate(invs):
+            by_device.setdefault(self.replica(pipe, inv), []).append(k)
+        out: list = [None] * len(invs)
+        for rep, ks in by_device.items():
+            rows = [invs[k] for k in ks]
+            batch = rows[0].replace(**{f: jnp.concatenate([getattr(r, f) for r in rows]) for f in BATCHED_FIELDS},
+                                    prompts=tuple(p for r in rows for p in r.prompts))
+            images, latents = reconstruct(rep, batch)
+            vae = rep.decode_latents(batch.pivots[:, 0])
+            for j, k in enumerate(ks):
+                out[k] = (images[j], latents[j], vae[j])
+        return out
+
+    def compiled_programs(self) -> int:
+        """How many inversion programs this inverter compiled (tests: batches reuse one)."""
+        return sum(p._cache_size() for p in self._programs.values())
+
+
 __all__ = [
     "AXIS",
+    "FileBarrier",
     "ShardedInverter",
-    "barrier",
     "cache_dir_from_env",
-    "device_replicas",
     "distributed_env",
     "enable_compilation_cache",
     "host_share",
     "initialize_distributed",
     "local_mesh",
-    "merge_jsonl",
     "pad_rows",
     "per_device_batch",
     "process_info",
-    "read_jsonl",
-    "results_file",
     "sharded_program",
-    "split_rows",
-    "write_jsonl",
 ]

@@ -1,49 +1,71 @@
-"""The classifier-free-guided DDIM pieces that inversion, reconstruction and editing share."""
+"""The model call, the DDIM schedules and classifier-free-guided sampling that inversion,
+reconstruction, generation and editing share."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from functools import partial
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
-from .models import AttentionHook
-from .schedule import Schedule, denoise_step, to_eps
+from .errors import NtiError
+from .models import AttentionHook, UNet2DConditionModel
+from .pipeline import Pipeline
+from .schedule import Schedule, ddim_schedule, denoise_step, to_eps
+from .settings import InvertSettings
 
-# unet_fn(latents (B,h,w,C), timestep, context (B,L,D), hook) -> model output, float32
-UNetFn = Callable[..., jax.Array]
-
-
-def cfg_eps(
-    unet_fn: UNetFn,
-    prediction_type: str,
-    x: jax.Array,
-    t: jax.Array,
-    a_t: jax.Array,
-    cond: jax.Array,
-    uncond: jax.Array,
-    guidance: jax.Array,
-    hook: Optional[AttentionHook] = None,
-) -> jax.Array:
-    """Guided eps from ONE UNet call on [uncond rows; cond rows], as the original notebook does.
-
-    A hook sees probabilities for 2B rows: the first B unconditional, the last B conditional.
-    """
-    xx = jnp.concatenate([x, x])
-    out = to_eps(unet_fn(xx, t, jnp.concatenate([uncond, cond]), hook), xx, a_t, prediction_type)
-    eps_u, eps_c = jnp.split(out, 2)
-    return eps_u + guidance * (eps_c - eps_u)
+if TYPE_CHECKING:  # the type only: inversion imports this module
+    from .inversion import Inversion
 
 
-def cfg_sample(
-    unet_fn: UNetFn,
-    prediction_type: str,
-    sched: Schedule,
-    x_T: jax.Array,
-    cond: jax.Array,
-    uncond: jax.Array,
-    guidance: jax.Array,
-) -> jax.Array:
+@struct.dataclass
+class Denoiser:
+    """The UNet as a pytree handed to every compiled program: params a leaf, the module and the
+    prediction type static (a new model of the same architecture never recompiles)."""
+
+    params: Any
+    module: UNet2DConditionModel = struct.field(pytree_node=False)
+    prediction_type: str = struct.field(pytree_node=False, default="epsilon")
+
+    @classmethod
+    def of(cls, pipe: Pipeline) -> "Denoiser":
+        return cls(pipe.params["unet"], pipe.unet, pipe.scheduler_config.get("prediction_type", "epsilon"))
+
+    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, hook: Optional[AttentionHook] = None) -> jax.Array:
+        """The raw UNet output (eps or v) for latents (B,h,w,C) and contexts (B,L,D), float32."""
+        return self.module.apply({"params": self.params}, x, t, context, hook)
+
+    def eps(self, x: jax.Array, t: jax.Array, a: jax.Array, context: jax.Array, hook: Optional[AttentionHook] = None) -> jax.Array:
+        """The prediction as epsilon; `a` is the alpha of the latent's noise level (v conversion)."""
+        return to_eps(self(x, t, context, hook), x, a, self.prediction_type)
+
+    def cfg_eps(self, x, t, a_t, cond, uncond, guidance, hook: Optional[AttentionHook] = None) -> jax.Array:
+        """Guided eps from ONE UNet call on [uncond rows; cond rows], as the original notebook does.
+
+        A hook sees probabilities for 2B rows: the first B unconditional, the last B conditional.
+        """
+        xx = jnp.concatenate([x, x])
+        eps_u, eps_c = jnp.split(self.eps(xx, t, a_t, jnp.concatenate([uncond, cond]), hook), 2)
+        return eps_u + guidance * (eps_c - eps_u)
+
+
+def model_schedule(pipe: Pipeline, num_steps: int) -> Schedule:
+    """The model's DDIM schedule with `num_steps` steps, as device arrays."""
+    return Schedule(*map(jnp.asarray, ddim_schedule(pipe.scheduler_config, num_steps)))
+
+
+def inversion_schedule(pipe: Pipeline, inv: "Inversion") -> Schedule:
+    """The DDIM schedule an inversion was made with (checked against its stored timesteps)."""
+    sched = model_schedule(pipe, inv.timesteps.shape[0])
+    if not np.array_equal(np.asarray(sched.timesteps), np.asarray(inv.timesteps)):
+        raise NtiError("this inversion was made with another scheduler config than the model's")
+    return sched
+
+
+def cfg_sample(model: Denoiser, sched: Schedule, x_T: jax.Array, cond: jax.Array, uncond: jax.Array, guidance: jax.Array) -> jax.Array:
     """DDIM sampling from x_T (B,h,w,C) with per-step unconditional embeddings (B,T,L,D).
 
     Returns the final latents (B,h,w,C). One lax.scan over the steps.
@@ -51,8 +73,48 @@ def cfg_sample(
 
     def step(x, k):
         t, a_t, a_prev = sched.timesteps[k], sched.alpha_t[k], sched.alpha_prev[k]
-        eps = cfg_eps(unet_fn, prediction_type, x, t, a_t, cond, uncond[:, k], guidance)
-        return denoise_step(eps, x, a_t, a_prev), None
+        return denoise_step(model.cfg_eps(x, t, a_t, cond, uncond[:, k], guidance), x, a_t, a_prev), None
 
     x, _ = jax.lax.scan(step, x_T, jnp.arange(sched.timesteps.shape[0]))
     return x
+
+
+@partial(jax.jit, static_argnames=("direct",))
+def _sample_program(model: Denoiser, sched: Schedule, x_T, cond, uncond, pivots, guidance, *, direct: bool):
+    if direct:
+        return pivots[:, 0]  # pinning the source branch to the pivots returns z*_0 exactly
+    return cfg_sample(model, sched, x_T, cond, uncond, guidance)
+
+
+def reconstruct(pipe: Pipeline, inv: "Inversion") -> tuple[jax.Array, jax.Array]:
+    """CFG sampling from x_T with phi_t per step: (images (B,H,W,3) in [0,1], latents (B,h,w,C))."""
+    z = _sample_program(
+        Denoiser.of(pipe), inversion_schedule(pipe, inv), inv.x_T, inv.cond_embeddings, inv.null_embeddings,
+        inv.pivots, jnp.float32(inv.settings.guidance_scale), direct=inv.method == "direct",
+    )
+    return pipe.decode_latents(z), z
+
+
+def generate(
+    pipe: Pipeline, prompts: Sequence[str], *, num_steps: int = InvertSettings.num_steps,
+    guidance_scale: float = InvertSettings.guidance_scale, seed: int = 0, x_T=None,
+) -> np.ndarray:
+    """Text-to-image CFG DDIM sampling with the "" embedding as the unconditional one, from `x_T`
+    (B, h, w, C) or Gaussian noise drawn from `seed`: float32 (B, H, W, 3) in [0, 1]. The same
+    compiled program as `reconstruct`."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    settings = InvertSettings(method="ddim", num_steps=num_steps, guidance_scale=guidance_scale)
+    s = pipe.unet.config
+    shape = (len(prompts), s.sample_size, s.sample_size, s.in_channels)
+    x_T = jax.random.normal(jax.random.PRNGKey(seed), shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
+    if x_T.shape != shape:
+        raise ValueError(f"x_T must have shape {shape}, got {x_T.shape}")
+    cond = pipe.encode_prompt(prompts)
+    uncond = jnp.broadcast_to(pipe.encode_prompt([""])[:, None], (len(prompts), settings.num_steps, *cond.shape[1:]))
+    z = _sample_program(
+        Denoiser.of(pipe), model_schedule(pipe, settings.num_steps), x_T, cond, uncond, None,
+        jnp.float32(settings.guidance_scale), direct=False,
+    )
+    return np.asarray(pipe.decode_latents(z))

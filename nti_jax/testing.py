@@ -135,3 +135,22 @@ def make_tiny_sd(folder: str, kind: str = "sd1", seed: int = 0) -> str:
     if kind == "sd2":
         text_cfg["hidden_act"] = "gelu"
     return save_sd_folder(folder, tiny_unet(unet_cfg, seed), tiny_vae(seed=seed), tiny_text_encoder(text_cfg, seed), sched)
+
+
+def rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref| in float64: the tests' one measure of agreement."""
+    import numpy as np
+
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def unchecked(settings, **fields):
+    """A copy of a frozen settings object with `fields` set WITHOUT validation: for tests that
+    inject values the library refuses (e.g. a NaN guidance scale reaching the compiled program)."""
+    import copy
+
+    out = copy.copy(settings)
+    for k, v in fields.items():
+        object.__setattr__(out, k, v)
+    return out

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import nti_jax
-from nti_jax import cli, inversion, parallel, testing
+from nti_jax import cli, driver, manifest, parallel, runs, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def null(model):
 
 
 def rows(out):
-    return parallel.read_jsonl(os.path.join(out, "results.jsonl"))
+    return runs.read_jsonl(os.path.join(out, "results.jsonl"))
 
 
 def subprocess_env(cache_dir, **extra):
@@ -172,12 +172,13 @@ def test_no_argument_run(model, tmp_path, monkeypatch, capsys):
     """`python scripts/invert.py` alone: the bundled samples, inverted and edited into ./outputs
     (here the default model is the tiny one and the defaults are the fast settings)."""
     monkeypatch.setattr(cli, "DEFAULT_MODEL", model)
-    monkeypatch.setattr(cli, "DEFAULTS", dict(cli.DEFAULTS, steps=5, inner_steps=3, early_stop_eps=1.0, batch_size=2))
+    monkeypatch.setattr(cli, "DEFAULT_SETTINGS", nti_jax.InvertSettings(num_steps=5, num_inner_steps=3, early_stop_epsilon=1.0))
+    monkeypatch.setattr(cli, "RUN_DEFAULTS", dict(cli.RUN_DEFAULTS, batch_size=2))
     monkeypatch.chdir(tmp_path)
     assert cli.main([]) == 0
     out = tmp_path / "outputs"
     assert str(out) in capsys.readouterr().out
-    samples = parallel.read_jsonl(cli.DEFAULT_MANIFEST)
+    samples = runs.read_jsonl(manifest.DEFAULT_MANIFEST)
     got = rows(out)
     assert [r["status"] for r in got] == ["done"] * len(samples) and len(samples) >= 2
     for row, sample in zip(got, samples):
@@ -246,8 +247,8 @@ def test_failed_edit_keeps_the_inversion_and_a_rerun_only_edits(model, six, tmp_
 
 
 def test_nan_is_recorded_as_a_failure(model, six, tmp_path, monkeypatch):
-    real = inversion.check_settings
-    monkeypatch.setattr(inversion, "check_settings", lambda pipe, m, n, g, k, e: real(pipe, m, n, float("nan"), k, e))
+    real = cli.settings_from_args
+    monkeypatch.setattr(cli, "settings_from_args", lambda args: testing.unchecked(real(args), guidance_scale=float("nan")))
     out = tmp_path / "out"
     argv = ["--model", model, "--image", str(six / "img2.png"), "--image", str(six / "img3.png"), "--prompt", "a shape", "--out", str(out)]
     assert cli.main(argv + FAST) == 1
@@ -259,7 +260,7 @@ def test_nan_is_recorded_as_a_failure(model, six, tmp_path, monkeypatch):
 
 def test_interrupt_keeps_finished_batches(model, six, tmp_path, monkeypatch):
     """Ctrl-C loses at most the batch in flight; the rerun does only what is left."""
-    real = cli.Runner.run_batch
+    real = driver.Driver.run_batch
     calls = []
 
     def interrupted_second_batch(self, batch):
@@ -268,11 +269,11 @@ def test_interrupt_keeps_finished_batches(model, six, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, batch)
 
-    monkeypatch.setattr(cli.Runner, "run_batch", interrupted_second_batch)
+    monkeypatch.setattr(driver.Driver, "run_batch", interrupted_second_batch)
     argv = ["--model", model, "--image", str(six / "img[0-3].png"), "--prompt", "a shape", "--out", str(tmp_path / "out")] + FAST
     assert cli.main(argv) == 130
     assert [r["status"] for r in rows(tmp_path / "out")] == ["done", "done", "pending", "pending"]
-    monkeypatch.setattr(cli.Runner, "run_batch", real)
+    monkeypatch.setattr(driver.Driver, "run_batch", real)
     assert cli.main(argv) == 0
     assert [r["status"] for r in rows(tmp_path / "out")] == ["skipped", "skipped", "done", "done"]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nti_jax import convert, testing
+from nti_jax.testing import rel_err
 from nti_jax.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -19,11 +20,6 @@ from nti_jax.models import (
 
 def _init_shapes(module, *args):
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))["params"]
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def load_params(torch_module, tmp_path, base, module, *init_args):

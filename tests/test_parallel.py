@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax import inversion, parallel, testing
+from nti_jax import inversion, parallel, runs, testing
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 
@@ -39,10 +39,11 @@ def test_sharded_program_equals_invert(pipe, images):
     ref = nti_jax.invert(pipe, images, PROMPTS, **kw)
     mesh = parallel.local_mesh(jax.local_devices()[:1])
     inverter = parallel.ShardedInverter(mesh)
-    settings = inversion.check_settings(pipe, "null-text", 5, 7.5, 3, 1.0)
-    replicas = parallel.device_replicas(pipe, mesh, inverter.unet_params(pipe))
-    inputs = inverter.prepare(replicas, images, PROMPTS, 5)
-    inv = inversion.assemble(pipe, inputs, settings, PROMPTS, inverter(pipe, inputs, settings))
+    settings = nti_jax.InvertSettings(num_steps=5, num_inner_steps=3, early_stop_epsilon=1.0)
+    pieces = inverter.invert(pipe, images, PROMPTS, settings)
+    assert [p.num_images for p in pieces] == [1, 1]
+    inv = pieces[0].replace(**{k: np.concatenate([np.asarray(getattr(p, k)) for p in pieces]) for k in inversion.BATCHED_FIELDS},
+                            prompts=tuple(q for p in pieces for q in p.prompts))
     assert inv.method == ref.method and inv.settings == ref.settings and inv.prompts == ref.prompts
     iters = np.array(inv.inner_iterations)
     np.testing.assert_array_equal(iters, np.array(ref.inner_iterations))
@@ -50,11 +51,10 @@ def test_sharded_program_equals_invert(pipe, images):
     for k in inversion.BATCHED_FIELDS + ("timesteps",):
         np.testing.assert_allclose(np.array(getattr(inv, k)), np.array(getattr(ref, k)), rtol=1e-6, atol=1e-6, err_msg=k)
     before = inverter.compiled_programs()
-    inputs = inverter.prepare(replicas, images[::-1], PROMPTS[::-1], 5)
-    inverter(pipe, inputs, settings)
+    inverter.invert(pipe, images[::-1], PROMPTS[::-1], settings)
     assert inverter.compiled_programs() == before == 1
-    (piece,) = parallel.split_rows(inv, mesh, 2)
-    np.testing.assert_array_equal(np.array(piece.null_embeddings), np.array(inv.null_embeddings))
+    (recon, latent, vae), _ = inverter.reconstruct(pipe, pieces)
+    np.testing.assert_array_equal(np.array(latent), np.array(nti_jax.reconstruct(pipe, inv)[1][0]))
 
 
 def test_host_share_splits_every_item_once():
@@ -80,15 +80,15 @@ def test_padding_and_per_device_batch():
 
 
 def test_results_files_merge_in_manifest_order(tmp_path):
-    assert parallel.results_file(str(tmp_path), 0, 1).endswith("results.jsonl")
-    assert parallel.results_file(str(tmp_path), 1, 3).endswith("results.1.jsonl")
-    p0, p1 = (parallel.results_file(str(tmp_path), p, 2) for p in (0, 1))
-    parallel.write_jsonl(p0, [{"index": 0, "status": "done"}, {"index": 2, "status": "failed"}])
+    assert runs.results_file(str(tmp_path), 0, 1).endswith("results.jsonl")
+    assert runs.results_file(str(tmp_path), 1, 3).endswith("results.1.jsonl")
+    p0, p1 = (runs.results_file(str(tmp_path), p, 2) for p in (0, 1))
+    runs.write_jsonl(p0, [{"index": 0, "status": "done"}, {"index": 2, "status": "failed"}])
     with open(p1, "w") as f:  # a process killed mid-write leaves a torn last line
         f.write(json.dumps({"index": 1, "status": "done"}) + "\n" + '{"index": 3, "sta')
-    rows = parallel.merge_jsonl(str(tmp_path / "results.jsonl"), [p0, p1, str(tmp_path / "results.9.jsonl")])
+    rows = runs.merge_jsonl(str(tmp_path / "results.jsonl"), [p0, p1, str(tmp_path / "results.9.jsonl")])
     assert [r["index"] for r in rows] == [0, 1, 2]
-    assert parallel.read_jsonl(str(tmp_path / "results.jsonl")) == rows
+    assert runs.read_jsonl(str(tmp_path / "results.jsonl")) == rows
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
@@ -115,4 +115,4 @@ def test_cache_dir_and_distributed_settings_from_the_environment(monkeypatch, tm
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
     assert parallel.distributed_env() == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
-    parallel.barrier("one process: returns at once")
+    parallel.FileBarrier(str(tmp_path), parallel.FileBarrier.new_token(), 0, 1).wait("one process: returns at once")
