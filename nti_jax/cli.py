@@ -18,11 +18,11 @@ import sys
 import time
 from typing import Optional
 
-from . import parallel
+from . import parallel, pie_bench
 from .driver import Driver, RunConfig
 from .errors import NtiError
 from .io import atomic_path
-from .manifest import PACKAGE_DIR, UsageError, collect_items
+from .manifest import PACKAGE_DIR, Item, UsageError, assign_names, collect_items
 from .pipeline import DTYPES, load_pipeline
 from .runs import RunLog, model_fingerprint, one_line
 from .schedule import inference_timesteps
@@ -58,6 +58,12 @@ devices and hosts: images are split over every local device (--batch-size rows p
   JAX_PROCESS_ID set (or --distributed on TPU pods / SLURM, where JAX finds them itself); each
   process takes every num_processes-th image and process 0 merges OUT/results.jsonl. OUT must be
   a folder all hosts share.
+
+PIE-Bench (--pie-bench DATA_DIR [--pie-types 0,6]): brackets stripped, Refine with cross 0.4 /
+  self 0.6, and with a blended word Reweight x2 on the target word + LocalBlend on the pair (as
+  cure-lab/PnPInversion run_editing_p2p.py); one output folder per --method. Metrics needing no
+  weights (PSNR, MSE, SSIM on the unedited part) are computed; LPIPS, DINO and CLIP where their
+  weights are on disk; PnPInversion's own evaluation/evaluate.py runs on OUT/pnp.
 
 compilation cache: compiled programs are kept in ~/.cache/nti-jax/jax-cache (--cache-dir,
   $NTI_JAX_CACHE_DIR; "none" disables), so a second run does not compile again.
@@ -122,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--manifest", metavar="FILE.jsonl", help="one {image, prompt, edits} object a line (default with neither --image nor --manifest: the bundled samples)")
     g.add_argument("--edit", action="append", metavar="PROMPT", help="a target prompt to edit every image to (repeatable; added to a manifest's edits)")
     g.add_argument("--no-edits", action="store_true", help="invert and reconstruct only, ignore all edits")
+    g.add_argument("--pie-bench", metavar="DATA_DIR", help="a PIE-Bench folder (mapping_file.json, annotation_images/): every entry set up as PnPInversion's run_editing_p2p.py; also writes OUT/pnp/ (their output layout) and OUT/pie_bench_metrics.{json,md}")
+    g.add_argument("--pie-types", metavar="0,6", help="PIE-Bench editing types to run (default: all, 0-9)")
     g.add_argument("--out", metavar="DIR", help="output folder (default: %(default)s)")
     g = p.add_argument_group("inversion")
     g.add_argument("--method", choices=METHODS, help="default: %(default)s (the paper)")
@@ -175,11 +183,41 @@ def _write_json(path: str, obj: dict) -> None:
             json.dump(obj, f, indent=2, default=str)
 
 
-def _finish_run(info: dict, out: str) -> None:
-    """Process 0, after every image (and the merge): run.json's finish time and OUT/index.html."""
+def _pie_rows(args) -> list[dict]:
+    """The PIE-Bench entries to run (none without --pie-bench); a bad folder or entry: UsageError."""
+    if not args.pie_bench:
+        if args.pie_types:
+            raise UsageError("--pie-types goes with --pie-bench")
+        return []
+    if args.image or args.manifest or args.edit or args.prompt is not None:
+        raise UsageError("--pie-bench takes its images, prompts and edits from the benchmark: no --image, --manifest, --prompt or --edit")
+    try:
+        return pie_bench.read_benchmark(args.pie_bench, pie_bench.parse_types(args.pie_types))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _pie_items(rows: list[dict]) -> list[Item]:
+    items = [Item(index=k, image=r["image"], prompt=r["prompt"], edits=list(r["edits"]), name=r["name"]) for k, r in enumerate(rows)]
+    assign_names(items)
+    return items
+
+
+def _finish_run(info: dict, out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None) -> None:
+    """Process 0, after every image (and the merge): run.json's finish time, the PIE-Bench layout
+    and metrics when asked, and OUT/index.html."""
     from .report import write_report
 
     _write_json(os.path.join(out, "run.json"), dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    if pie_dir:
+        from .pie_metrics import evaluate
+
+        try:
+            layout = pie_bench.write_pnp_layout(out, pie_dir, pie_rows)
+            evaluate(pie_dir, out, pie_rows)
+            print(f"PIE-Bench: {layout['written']} outputs in {out}/pnp; metrics in {out}/pie_bench_metrics.md")
+        except (ValueError, OSError) as e:
+            print(f"could not evaluate the PIE-Bench run: {one_line(e)}", file=sys.stderr)
     try:
         print(f"report: {write_report(out)}")
     except (NtiError, OSError) as e:  # the report never changes the run's outcome
@@ -224,7 +262,8 @@ def _run(args, settings: InvertSettings, argv: list[str]) -> int:
             raise UsageError(f"cannot start jax.distributed ({one_line(e)}); set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or --coordinator/--num-processes/--process-id") from None
     parallel.enable_compilation_cache(parallel.cache_dir_from_env(args.cache_dir))
     pid, nproc = parallel.process_info()
-    items = collect_items(args.image, args.prompt, args.manifest, args.edit or [], args.no_edits)
+    pie_rows = _pie_rows(args)
+    items = _pie_items(pie_rows) if pie_rows else collect_items(args.image, args.prompt, args.manifest, args.edit or [], args.no_edits)
     devices = jax.local_devices()
     if args.num_devices:
         if args.num_devices > len(devices):
@@ -252,7 +291,7 @@ def _run(args, settings: InvertSettings, argv: list[str]) -> int:
     if pid != 0:
         return driver.run(barrier)
     info = _write_run_info(argv, args, log.out, devices, nproc)
-    return driver.run(barrier, on_done=lambda: _finish_run(info, log.out))
+    return driver.run(barrier, on_done=lambda: _finish_run(info, log.out, args.pie_bench, pie_rows))
 
 
 if __name__ == "__main__":
