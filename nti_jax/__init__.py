@@ -2,13 +2,15 @@
 
 from .errors import ImageError, ModelError, NtiError, OptimisationError, PromptError, PromptTruncatedWarning
 from .inversion import Inversion, invert
-from .p2p import LocalBlend, Refine, Replace, Reweight, attention_maps, edit
+from .controllers import LocalBlend, Proximal, Refine, Replace, Reweight
+from .p2p import attention_maps, edit
 from .pipeline import Pipeline, load_pipeline
 from .sampling import generate, reconstruct
 from .settings import InvertSettings
 
 __all__ = [
     "LocalBlend",
+    "Proximal",
     "Refine",
     "Replace",
     "Reweight",

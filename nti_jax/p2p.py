@@ -1,16 +1,20 @@
 """Prompt-to-Prompt editing of an inversion, compiled: controllers as data, attention maps.
 
-A controller spec (`Replace`, `Refine`, `Reweight`, optionally with a `LocalBlend`) is turned
-into arrays (token mappers, per-step windows, equalizers) plus static settings, so one jitted
-sampling loop serves every prompt batch of the same shape. As in the authors' notebook, edits
-touch only the conditional half of the CFG batch: target rows take the source row's maps.
+A controller spec (`Replace`, `Refine`, `Reweight`, optionally with a `LocalBlend`, plus the
+edit-time guidance: single-branch and/or ProxEdit's `Proximal`) is turned into arrays (token
+mappers, per-step windows, equalizers) plus static settings, so one jitted sampling loop serves
+every prompt batch of the same shape. As in the authors' code (google/prompt-to-prompt,
+``null_text_w_ptp.ipynb``), edits touch only the conditional half of the CFG batch, the stored
+maps (LocalBlend, `attention_maps`) are the edited ones, and a direct inversion's source row is
+pinned before the blend (PnPInversion). `benchmarks/p2p_reference.py` is the PyTorch oracle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,49 +22,27 @@ import numpy as np
 from flax import struct
 
 from . import seq_aligner as sa
+from .controllers import (  # noqa: F401  (the public names stay importable from here)
+    GUIDANCE,
+    SETTINGS_KEYS,
+    Controller,
+    LocalBlend,
+    Proximal,
+    Refine,
+    Replace,
+    Reweight,
+    Steps,
+    Words,
+    auto_controller,
+    controller_from_settings,
+)
 from .errors import NtiError, PromptError
-from .inversion import Inversion, inversion_schedule
+from .heatmaps import save_attention_grid, token_labels  # noqa: F401  (public here as before)
+from .inversion import Inversion
 from .models import AttentionPlace
 from .pipeline import Pipeline
-from .sampling import cfg_eps
-from .schedule import denoise_step
-
-Steps = Union[float, tuple, Mapping[str, Any]]
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalBlend:
-    """Keep pixels outside the edited words' attention: words per prompt, source first."""
-
-    words: Sequence[Sequence[str]]
-    threshold: float = 0.3
-    start: float = 0.2
-
-
-@dataclasses.dataclass(frozen=True)
-class Replace:
-    """Word swap (same word count): target cross-attention = source maps through a token mapper."""
-
-    cross_replace_steps: Steps = 0.8
-    self_replace_steps: Union[float, tuple] = 0.4
-    blend: Optional[LocalBlend] = None
-    max_self_size: Optional[int] = None  # largest self-attn side edited; default latent/2
-
-
-@dataclasses.dataclass(frozen=True)
-class Refine(Replace):
-    """Added/removed words: aligned tokens take the source maps, new tokens keep their own."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Reweight(Replace):
-    """Scale chosen tokens' cross-attention (e.g. {"red": 3.0}), alone or on top of `base`."""
-
-    equalizer: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    base: Optional[Replace] = None
-
-
-Controller = Union[Replace, Refine, Reweight]
+from .sampling import Denoiser, inversion_schedule
+from .schedule import Schedule, denoise_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +55,10 @@ class _Static:
     blend_start: int  # first step index at which the blend applies (num_steps if none)
     reweight: bool
     direct: bool
+    substruct: bool = False
+    single_branch: bool = False
+    prox: str = ""  # "" | "l0" | "l1"
+    dilate: int = 0
 
 
 @struct.dataclass
@@ -84,6 +70,9 @@ class _Arrays:
     equalizer: jax.Array  # (n, L)
     blend_alpha: jax.Array  # (R, L)
     blend_threshold: jax.Array  # ()
+    sub_alpha: jax.Array = None  # (R, L) substruct words
+    sub_threshold: jax.Array = None  # ()
+    prox: jax.Array = None  # (3,) quantile, recon_lr, recon_t
 
 
 def _window(steps, num_steps: int) -> tuple[int, int]:
@@ -115,45 +104,35 @@ def _cross_alpha(cross: Steps, targets: Sequence[str], tok, num_steps: int, max_
     return alpha[:num_steps]
 
 
-def auto_controller(source: str, targets: Sequence[str]) -> Controller:
-    """Replace when every target has the source's word count, else Refine (defaults 0.8 / 0.4)."""
-    same = all(len(t.split()) == len(source.split()) for t in targets)
-    return Replace() if same else Refine()
-
-
-SETTINGS_KEYS = ("kind", "cross_replace_steps", "self_replace_steps", "equalizer", "blend_words",
-                 "blend_threshold", "blend_start", "max_self_size")
-
-
-def controller_from_settings(source: str, targets: Sequence[str], settings: Mapping[str, Any]) -> Controller:
-    """A controller from plain settings (CLI manifests): kind ("auto"|"replace"|"refine"),
-    cross_replace_steps, self_replace_steps, equalizer {word: factor}, blend_words (one word list
-    per prompt, source first), blend_threshold, blend_start, max_self_size."""
-    unknown = set(settings) - set(SETTINGS_KEYS) - {"prompt"}
-    if unknown:
-        raise ValueError(f"unknown edit settings: {', '.join(sorted(unknown))}")
-    kind = settings.get("kind", "auto")
-    if kind not in ("auto", "replace", "refine"):
-        raise ValueError(f"edit kind must be auto, replace or refine; got {kind!r}")
-    base = auto_controller(source, targets) if kind == "auto" else (Replace() if kind == "replace" else Refine())
-    blend = None
-    if settings.get("blend_words"):
-        blend = LocalBlend(settings["blend_words"], settings.get("blend_threshold", 0.3), settings.get("blend_start", 0.2))
-    common = dict(
-        cross_replace_steps=settings.get("cross_replace_steps", 0.8),
-        self_replace_steps=settings.get("self_replace_steps", 0.4),
-        blend=blend,
-        max_self_size=settings.get("max_self_size"),
-    )
-    base = type(base)(**common)
-    if settings.get("equalizer"):
-        return Reweight(**common, equalizer=dict(settings["equalizer"]), base=base)
-    return base
-
-
 def _cross_sizes(pipe: Pipeline, latent: int) -> list[int]:
     cfg = pipe.unet.config
     return sorted({latent // 2**i for i, k in enumerate(cfg.down_block_types) if k.startswith("CrossAttn")})
+
+
+def _word_alpha(prompts: Sequence[str], words: Words, tok, L: int, what: str) -> np.ndarray:
+    """(R, L) ones at the tokens of each prompt's words (a LocalBlend word list per prompt)."""
+    if len(words) != len(prompts):
+        raise PromptError(f"LocalBlend {what} needs one word list per prompt (source first): {len(prompts)}, got {len(words)}")
+    alpha = np.zeros((len(prompts), L), np.float32)
+    for r, (p, ws) in enumerate(zip(prompts, words)):
+        for w in [ws] if isinstance(ws, str) else ws:
+            alpha[r, sa.word_token_indices(p, w, tok)] = 1.0
+    return alpha
+
+
+def _mapper(pipe: Pipeline, controller: Controller, source: str, targets: Sequence[str]) -> tuple[str, np.ndarray, np.ndarray]:
+    """(kind, mapper, refine_alphas) of the controller's geometry."""
+    tok, L, n = pipe.tokenizer, pipe.max_tokens, len(targets)
+    reweight = isinstance(controller, Reweight)
+    geometry = controller.base if reweight and controller.base is not None else controller
+    if reweight and controller.base is None:  # the original scales the source maps position by position
+        return "replace", np.broadcast_to(np.eye(L, dtype=np.float32), (n, L, L)), np.ones((n, L), np.float32)
+    if isinstance(geometry, Refine):
+        return ("refine",) + sa.refinement_mapper(source, targets, tok, L)
+    if geometry.mapping not in ("original", "aligned"):
+        raise ValueError(f"Replace mapping must be 'original' or 'aligned', got {geometry.mapping!r}")
+    mapper = sa.replacement_mapper(source, targets, tok, L, upstream_tail=geometry.mapping == "original")
+    return "replace", mapper, np.ones((n, L), np.float32)
 
 
 def compile_controller(
@@ -165,24 +144,16 @@ def compile_controller(
     for p in prompts:
         sa.check_length(p, tok, L)
     n = len(targets)
-    geometry = controller.base if isinstance(controller, Reweight) and controller.base is not None else controller
-    kind = "refine" if isinstance(geometry, Refine) else "replace"
-    if kind == "replace":
-        mapper = sa.replacement_mapper(source, targets, tok, L)
-        refine_alphas = np.ones((n, L), np.float32)
-    else:
-        mapper, refine_alphas = sa.refinement_mapper(source, targets, tok, L)
+    kind, mapper, refine_alphas = _mapper(pipe, controller, source, targets)
     eq = np.ones((n, L), np.float32)
     if isinstance(controller, Reweight):
         eq = np.stack([sa.equalizer(t, controller.equalizer, tok, L) for t in targets])
-    blend = controller.blend
-    blend_alpha = np.zeros((n + 1, L), np.float32)
+    blend, prox = controller.blend, controller.proximal
+    blend_alpha = sub_alpha = np.zeros((n + 1, L), np.float32)
     if blend is not None:
-        if len(blend.words) != n + 1:
-            raise PromptError(f"LocalBlend needs one word list per prompt (source first): {n + 1}, got {len(blend.words)}")
-        for r, (p, words) in enumerate(zip(prompts, blend.words)):
-            for w in [words] if isinstance(words, str) else words:
-                blend_alpha[r, sa.word_token_indices(p, w, tok)] = 1.0
+        blend_alpha = _word_alpha(prompts, blend.words, tok, L, "words")
+        if blend.substruct_words is not None:
+            sub_alpha = _word_alpha(prompts, blend.substruct_words, tok, L, "substruct_words")
     lo, hi = _window(controller.self_replace_steps, num_steps)
     self_steps = (np.arange(num_steps) >= lo) & (np.arange(num_steps) < hi)
     max_self = controller.max_self_size or latent // 2
@@ -193,6 +164,10 @@ def compile_controller(
         blend_start=int(blend.start * num_steps) if blend is not None else num_steps,
         reweight=isinstance(controller, Reweight),
         direct=direct,
+        substruct=blend is not None and blend.substruct_words is not None,
+        single_branch=bool(controller.single_branch),
+        prox=prox.norm if prox is not None else "",
+        dilate=prox.dilate if prox is not None else 0,
     )
     arrays = _Arrays(
         cross_alpha=jnp.asarray(_cross_alpha(controller.cross_replace_steps, targets, tok, num_steps, L)),
@@ -202,6 +177,9 @@ def compile_controller(
         equalizer=jnp.asarray(eq),
         blend_alpha=jnp.asarray(blend_alpha),
         blend_threshold=jnp.float32(blend.threshold if blend is not None else 0.0),
+        sub_alpha=jnp.asarray(sub_alpha),
+        sub_threshold=jnp.float32(blend.substruct_threshold if blend is not None else 0.0),
+        prox=jnp.asarray([prox.quantile, prox.recon_lr, prox.recon_t] if prox is not None else [0.0, 0.0, 0.0], jnp.float32),
     )
     return static, arrays
 
@@ -225,25 +203,67 @@ def _edit_cond(static: _Static, arr: _Arrays, k, probs: jax.Array, place: Attent
     return jnp.concatenate([probs[:1], tgt])
 
 
+def _word_mask(maps: jax.Array, alpha: jax.Array, threshold: jax.Array, latent: int, pool: bool) -> jax.Array:
+    """The original's LocalBlend.get_mask: (R, h, w) bool from maps (R, s, s, L), union with row 0."""
+    m = jnp.sum(maps * alpha[:, None, None, :], axis=-1)
+    if pool:
+        m = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 1)))
+    f = latent // maps.shape[1]
+    m = jnp.repeat(jnp.repeat(m, f, axis=1), f, axis=2)
+    mask = m / jnp.max(m, axis=(1, 2), keepdims=True) > threshold
+    return mask[:1] | mask
+
+
 def _blend_mask(static: _Static, arr: _Arrays, maps: jax.Array, latent: int) -> jax.Array:
     """LocalBlend's mask (R, h, w, 1) from accumulated cross maps (R, s, s, L)."""
-    m = jnp.sum(maps * arr.blend_alpha[:, None, None, :], axis=-1)
-    m = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 1)))
-    f = latent // static.blend_size
-    m = jnp.repeat(jnp.repeat(m, f, axis=1), f, axis=2)
-    m = m / jnp.max(m, axis=(1, 2), keepdims=True)
-    mask = m > arr.blend_threshold
-    return (mask[:1] | mask)[..., None]
+    mask = _word_mask(maps, arr.blend_alpha, arr.blend_threshold, latent, True)
+    if static.substruct:
+        mask = mask & ~_word_mask(maps, arr.sub_alpha, arr.sub_threshold, latent, False)
+    return mask[..., None]
 
 
-@partial(jax.jit, static_argnames=("unet", "prediction_type", "static", "edit"))
-def _edit_program(unet, params, prediction_type, static: _Static, edit: bool, arr, sched, x_T, cond, phi, pivots, guidance):
+def _proximal_step(static: _Static, arr: _Arrays, eps_u, eps_c, t, guidance):
+    """ProxEdit: (guided eps with the shrunk delta, per-element weight of the pull toward the pivot)."""
+    quantile, recon_lr, recon_t = arr.prox[0], arr.prox[1], arr.prox[2]
+    delta = eps_c - eps_u
+    th = jnp.quantile(jnp.abs(delta), quantile)
+    delta = delta - jnp.clip(delta, -th, th)
+    if static.prox == "l1":  # as written upstream: a second shrink by th, then back by th if it crossed 0
+        delta = jnp.where(delta > 0, delta - th, delta)
+        delta = jnp.where(delta < 0, delta + th, delta)
+    edit = (jnp.abs(delta) > th).astype(jnp.float32)
+    if static.dilate > 0:
+        r = static.dilate
+        edit = jax.lax.reduce_window(edit, 0.0, jax.lax.max, (1, 2 * r + 1, 2 * r + 1, 1), (1,) * 4, ((0, 0), (r, r), (r, r), (0, 0)))
+    active = ((recon_t > 0) & (t < recon_t)) | ((recon_t < 0) & (t > -recon_t))
+    return eps_u + guidance * delta, jnp.where(active, recon_lr, 0.0) * (1.0 - edit)
+
+
+class EditInputs(NamedTuple):
+    """What the edit program samples from: one inversion and the prompts' embeddings."""
+
+    sched: Schedule
+    x_T: jax.Array  # (1, h, w, C)
+    cond: jax.Array  # (R, L, D): the source prompt, then the targets
+    phi: jax.Array  # (T, L, D) the inversion's unconditional embedding per step
+    pivots: jax.Array  # (T+1, h, w, C)
+    guidance: jax.Array  # () float32
+    empty: jax.Array | None = None  # (L, D) the "" embedding (single-branch target rows)
+
+
+def _uncond(static: _Static, inputs: EditInputs, k) -> jax.Array:
+    """The unconditional rows (R, L, D) at step k."""
+    cond, phi = inputs.cond, inputs.phi[k]
+    if static.single_branch and cond.shape[0] > 1:
+        return jnp.concatenate([phi[None], jnp.broadcast_to(inputs.empty, (cond.shape[0] - 1,) + phi.shape)])
+    return jnp.broadcast_to(phi, cond.shape)
+
+
+@partial(jax.jit, static_argnames=("static", "edit"))
+def _edit_program(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: _Static, edit: bool):
     """Batched CFG sampling of R rows from one x_T with the controller; returns (latents, maps)."""
-    rows = cond.shape[0]
-    latent = x_T.shape[1]
-    n = sched.timesteps.shape[0]
-    s = static.blend_size
-    unet_fn = lambda x, t, c, hook=None: unet.apply({"params": params}, x, t, c, hook)
+    sched, x_T, cond, _, pivots, guidance, _ = inputs
+    rows, latent, n, s = cond.shape[0], x_T.shape[1], sched.timesteps.shape[0], static.blend_size
 
     def step(carry, k):
         x, store = carry
@@ -251,21 +271,29 @@ def _edit_program(unet, params, prediction_type, static: _Static, edit: bool, ar
 
         def hook(probs, place):
             u, c = probs[:rows], probs[rows:]
-            if place.kind == "cross" and place.size == (s, s) and place.block != "mid":
-                collected.append(jnp.mean(c, axis=1).reshape(rows, s, s, -1))
             if edit:
                 c = _edit_cond(static, arr, k, c, place)
+            if place.kind == "cross" and place.size == (s, s) and place.block != "mid":
+                collected.append(jnp.mean(c, axis=1).reshape(rows, s, s, -1))  # the stored maps are the edited ones
             return jnp.concatenate([u, c])
 
         t, a_t, a_prev = sched.timesteps[k], sched.alpha_t[k], sched.alpha_prev[k]
-        uncond = jnp.broadcast_to(phi[k], cond.shape)
-        x = denoise_step(cfg_eps(unet_fn, prediction_type, x, t, a_t, cond, uncond, guidance, hook), x, a_t, a_prev)
+        xx = jnp.concatenate([x, x])
+        eps_u, eps_c = jnp.split(model.eps(xx, t, a_t, jnp.concatenate([_uncond(static, inputs, k), cond]), hook), 2)
+        pivot = pivots[n - 1 - k]
+        if edit and static.prox:
+            eps, pull = _proximal_step(static, arr, eps_u, eps_c, t, guidance)
+        else:
+            eps, pull = eps_u + guidance * (eps_c - eps_u), None
+        x = denoise_step(eps, x, a_t, a_prev)
+        if static.direct:  # PnP: the source row takes its offset before the pull and the blend
+            x = x.at[0].set(pivot)
+        if pull is not None:
+            x = x - pull * (x - pivot)
         store = store + sum(collected) / len(collected)
         if edit and static.blend_start < n:
             blended = x[:1] + _blend_mask(static, arr, store, latent) * (x - x[:1])
             x = jnp.where(k >= static.blend_start, blended, x)
-        if static.direct:
-            x = x.at[0].set(pivots[n - 1 - k])
         return (x, store), None
 
     x0 = jnp.broadcast_to(x_T, (rows,) + x_T.shape[1:])
@@ -280,10 +308,12 @@ def _single(inv: Inversion) -> Inversion:
     return inv
 
 
-def _run(pipe: Pipeline, inv: Inversion, targets: Sequence[str], controller: Optional[Controller], edit: bool):
+def edit_latents(pipe: Pipeline, inv: Inversion, targets: Sequence[str], *, controller: Controller | None = None,
+                 edit: bool = True) -> tuple[jax.Array, jax.Array]:
+    """The edit's final latents (1 + n, h, w, C) and its stored cross-attention maps (1 + n, s, s, L)
+    (see `attention_maps`); `edit=False` samples the rows without a controller."""
     inv = _single(inv)
-    if isinstance(targets, str):
-        targets = [targets]
+    targets = [targets] if isinstance(targets, str) else list(targets)
     source = inv.prompts[0]
     if edit and not targets:
         raise PromptError("give at least one target prompt to edit with")
@@ -294,67 +324,24 @@ def _run(pipe: Pipeline, inv: Inversion, targets: Sequence[str], controller: Opt
     sched = inversion_schedule(pipe, inv)
     n, latent = sched.timesteps.shape[0], inv.x_T.shape[1]
     static, arr = compile_controller(pipe, controller, source, targets, n, latent, inv.method == "direct")
-    cond = jnp.concatenate([inv.cond_embeddings, pipe.encode_prompt(list(targets))]) if targets else inv.cond_embeddings
-    settings = inv.schedule()
-    return _edit_program(
-        pipe.unet,
-        pipe.params["unet"],
-        settings.get("prediction_type", "epsilon"),
-        static,
-        edit,
-        arr,
-        sched,
-        inv.x_T,
-        cond,
-        inv.null_embeddings[0],
-        inv.pivots[0],
-        jnp.float32(settings.get("guidance_scale", 7.5)),
-    )
+    emb = pipe.encode_prompt(targets + [""])
+    cond = jnp.concatenate([inv.cond_embeddings, emb[:-1]])
+    inputs = EditInputs(sched, inv.x_T, cond, inv.null_embeddings[0], inv.pivots[0], jnp.float32(inv.settings.guidance_scale), emb[-1])
+    return _edit_program(Denoiser.of(pipe), arr, inputs, static=static, edit=edit)
 
 
-def edit(pipe: Pipeline, inv: Inversion, target_prompts: Sequence[str], *, controller: Optional[Controller] = None) -> np.ndarray:
+def edit(pipe: Pipeline, inv: Inversion, target_prompts: Sequence[str], *, controller: Controller | None = None) -> np.ndarray:
     """Edit an inverted image: float32 (1 + n, H, W, 3) in [0, 1], the source reconstruction
     first, then one image per target prompt, from one compiled batched sampling loop."""
-    latents, _ = _run(pipe, inv, target_prompts, controller, edit=True)
+    latents, _ = edit_latents(pipe, inv, target_prompts, controller=controller)
     return np.asarray(pipe.decode_latents(latents))
 
 
-def attention_maps(pipe: Pipeline, inv: Inversion, prompts: Sequence[str] = (), *, controller: Optional[Controller] = None) -> np.ndarray:
+def attention_maps(pipe: Pipeline, inv: Inversion, prompts: Sequence[str] = (), *, controller: Controller | None = None) -> np.ndarray:
     """Per-token cross-attention maps (R, s, s, 77) of the conditional rows, averaged over heads,
     steps and the down/up layers at the smallest non-mid cross-attention resolution s (16 for SD
-    at 512 px, as the authors' notebook); rows: the source, then `prompts` when given (edited
-    by `controller`, or the automatic one)."""
-    _, maps = _run(pipe, inv, list(prompts), controller, edit=bool(prompts))
+    at 512 px, the notebook's aggregate_attention); rows: the source, then `prompts` when given,
+    edited by `controller` (or the automatic one): target rows hold the edited maps, as stored by
+    the original's AttentionStore."""
+    _, maps = edit_latents(pipe, inv, list(prompts), controller=controller, edit=bool(prompts))
     return np.asarray(maps)
-
-
-def token_labels(pipe: Pipeline, prompt: str) -> list[str]:
-    """The decoded tokens of a prompt, bos first, without padding."""
-    ids = pipe.tokenizer(prompt)["input_ids"]
-    return [pipe.tokenizer.decode([i]) for i in ids]
-
-
-def save_attention_grid(image, maps: np.ndarray, labels: Sequence[str], path: str, cell: int = 96) -> None:
-    """One PNG: each token's map as a heat map over the image, the token written under it."""
-    from PIL import Image, ImageDraw
-
-    from .io import atomic_path, to_uint8
-
-    img = np.asarray(image)
-    img = img if img.dtype == np.uint8 else to_uint8(img)
-    base = Image.fromarray(img).resize((cell, cell))
-    tiles = []
-    for k, label in enumerate(labels):
-        m = maps[..., k]
-        m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
-        heat = np.stack([m, 0.2 * np.ones_like(m), 1.0 - m], axis=-1)
-        heat = Image.fromarray(to_uint8(heat)).resize((cell, cell), Image.BILINEAR)
-        tile = Image.new("RGB", (cell, cell + 16), "white")
-        tile.paste(Image.blend(base, heat, 0.55), (0, 0))
-        ImageDraw.Draw(tile).text((4, cell + 2), label[:14], fill="black")
-        tiles.append(tile)
-    grid = Image.new("RGB", (cell * len(tiles), cell + 16), "white")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, (i * cell, 0))
-    with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")

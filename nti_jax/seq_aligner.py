@@ -16,16 +16,17 @@ from the original:
   whitespace, so the pieces concatenate to the prompt's encoding); the original's
   character-count heuristic is kept as a fallback when that check fails.  The two
   agree on ordinary prompts; repeated spaces no longer shift words.
-* in ``replacement_mapper`` the tokens after the last swapped word are mapped
-  source ``i`` -> target ``j`` (the original writes ``mapper[j, j]``, misaligning
-  everything after a swap that changes the token count); ``upstream_tail=True``
-  restores the original exactly.
+* ``replacement_mapper(upstream_tail=False)`` maps the tokens after the last
+  swapped word source ``i`` -> target ``j``; the original (the default,
+  ``upstream_tail=True``) writes ``mapper[j, j]``, which misaligns everything
+  after a swap that changes the token count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from numbers import Integral
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,12 +34,12 @@ from .errors import PromptError
 
 __all__ = [
     "PromptError",
-    "word_token_indices",
-    "replacement_mapper",
-    "refinement_mapper",
-    "equalizer",
-    "check_length",
     "align_sequences",
+    "check_length",
+    "equalizer",
+    "refinement_mapper",
+    "replacement_mapper",
+    "word_token_indices",
 ]
 
 # Needleman-Wunsch scores of the original (ScoreParams(gap=0, match=1, mismatch=-1)).
@@ -266,7 +267,7 @@ def replacement_mapper(
     tokenizer: Any,
     max_len: int = 77,
     *,
-    upstream_tail: bool = False,
+    upstream_tail: bool = True,
 ) -> np.ndarray:
     """The original ``get_replacement_mapper`` (word swap), float32 (n, max_len, max_len).
 
@@ -274,6 +275,8 @@ def replacement_mapper(
     (``tgt = einsum('...s,st->...t', src, mapper)``).  Words are compared position by
     position; a swapped word with the same token count maps one to one, otherwise
     every source token maps to every target token with weight 1/len(target tokens).
+    After the last swap the original maps target ``j`` from source ``j``
+    (``upstream_tail=True``, the default); ``False`` maps it from its own source token.
     PromptError if the prompts differ in word count or are too long.
     """
     check_length(source, tokenizer, max_len)

@@ -62,13 +62,13 @@ def test_one_compile_per_prompt_batch_shape(pipe, inv):
 def test_local_blend_keeps_the_source_outside_the_mask(pipe, inv):
     target = "a green circle on a blue background"
     cond = jnp.concatenate([inv.cond_embeddings, pipe.encode_prompt([target])])
-    sched = nti_jax.inversion.inversion_schedule(pipe, inv)
+    sched = nti_jax.sampling.inversion_schedule(pipe, inv)
 
     def run(threshold):
         ctrl = nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], threshold=threshold, start=0.2))
         static, arr = p2p.compile_controller(pipe, ctrl, SRC, [target], 10, 16, False)
-        z, maps = p2p._edit_program(pipe.unet, pipe.params["unet"], "epsilon", static, True, arr, sched, inv.x_T,
-                                    cond, inv.null_embeddings[0], inv.pivots[0], jnp.float32(7.5))
+        inputs = p2p.EditInputs(sched, inv.x_T, cond, inv.null_embeddings[0], inv.pivots[0], jnp.float32(7.5))
+        z, maps = p2p._edit_program(nti_jax.sampling.Denoiser.of(pipe), arr, inputs, static=static, edit=True)
         return np.asarray(z), np.asarray(p2p._blend_mask(static, arr, jnp.asarray(maps) * 10, 16))[1, ..., 0]
 
     # A random model's attention is nearly flat: pick a threshold that gives a partial mask.
@@ -152,3 +152,45 @@ def test_attention_maps_and_grid(pipe, inv, tmp_path):
     path = str(tmp_path / "maps.png")
     p2p.save_attention_grid(img, maps[0], labels, path)
     assert os.path.getsize(path) > 1000
+
+
+def test_edit_settings_guidance_and_errors():
+    tgt = ["a green circle on a blue background"]
+    c = p2p.controller_from_settings(SRC, tgt, {"guidance": "single-branch+proximal", "prox_quantile": 0.6,
+                                                "blend_words": [["circle"], ["circle"]], "substruct_words": [["blue"], ["blue"]],
+                                                "mapping": "aligned"})
+    assert c.single_branch and c.proximal == p2p.Proximal(quantile=0.6) and c.mapping == "aligned"
+    assert c.blend.substruct_words == [["blue"], ["blue"]]
+    plain = p2p.controller_from_settings(SRC, tgt, {})
+    assert not plain.single_branch and plain.proximal is None and plain.mapping == "original"
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        p2p.controller_from_settings(SRC, tgt, {"guidance": "prox"})
+    with pytest.raises(ValueError, match="prox_quantile"):
+        p2p.controller_from_settings(SRC, tgt, {"guidance": "proximal", "prox_quantile": 1.5})
+
+
+def test_blend_and_mapping_errors_name_the_problem(pipe):
+    tgt = ["a green circle on a blue background"]
+    with pytest.raises(PromptError, match="substruct_words needs one word list per prompt"):
+        p2p.compile_controller(pipe, nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], substruct_words=[["blue"]])),
+                               SRC, tgt, 10, 16, False)
+    with pytest.raises(PromptError, match="'sky'"):
+        p2p.compile_controller(pipe, nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], substruct_words=[["sky"], ["blue"]])),
+                               SRC, tgt, 10, 16, False)
+    with pytest.raises(ValueError, match="mapping must be"):
+        p2p.compile_controller(pipe, nti_jax.Replace(mapping="fixed"), SRC, tgt, 10, 16, False)
+    # Reweight alone needs no word-swap mapper: prompts of any word count (as the original)
+    _, arr = p2p.compile_controller(pipe, nti_jax.Reweight(equalizer={"big": 2.0}), SRC, ["a big red circle on a blue background"], 10, 16, False)
+    np.testing.assert_array_equal(np.asarray(arr.mapper)[0], np.eye(77))
+
+
+def test_attention_png_for_an_edit(pipe, inv, tmp_path):
+    from nti_jax import heatmaps
+
+    path = str(tmp_path / "attention.png")
+    heatmaps.write_attention_png(pipe, inv, path, "a green circle on a blue background", controller=nti_jax.Replace())
+    from PIL import Image
+
+    img = np.asarray(Image.open(path))
+    n_src, n_tgt = len(p2p.token_labels(pipe, SRC)), len(p2p.token_labels(pipe, "a green circle on a blue background"))
+    assert img.shape == (2 * (96 + 16), 96 * max(n_src, n_tgt), 3)

@@ -235,7 +235,7 @@ def test_replacement_two_swaps_one_to_one(tok):
 def test_replacement_longer_word(tok):
     # source B a cat sitting E      -> positions 0 1 2 3 4
     # target B a hippo potam us sitting E -> 0 1 2 3 4 5 6
-    m = replacement_mapper("a cat sitting", ["a hippopotamus sitting"], tok)[0]
+    m = replacement_mapper("a cat sitting", ["a hippopotamus sitting"], tok, upstream_tail=False)[0]
     expected = np.zeros((L, L), np.float32)
     expected[0, 0] = expected[1, 1] = 1  # bos, "a"
     expected[2, 2:5] = 1 / 3  # cat feeds each hippopotamus piece with weight 1/3
@@ -248,7 +248,7 @@ def test_replacement_longer_word(tok):
 def test_replacement_longer_word_upstream_tail(tok):
     # the original writes mapper[j, j] after the last swap: target "sitting" (5)
     # reads source position 5 (padding) instead of source "sitting" (3).
-    m = replacement_mapper("a cat sitting", ["a hippopotamus sitting"], tok, upstream_tail=True)[0]
+    m = replacement_mapper("a cat sitting", ["a hippopotamus sitting"], tok)[0]  # the default
     expected = np.zeros((L, L), np.float32)
     expected[0, 0] = expected[1, 1] = 1
     expected[2, 2:5] = 1 / 3
@@ -259,7 +259,7 @@ def test_replacement_longer_word_upstream_tail(tok):
 
 def test_replacement_shorter_word(tok):
     # source B a hippo potam us sitting E ; target B a cat sitting E
-    m = replacement_mapper("a hippopotamus sitting", ["a cat sitting"], tok)[0]
+    m = replacement_mapper("a hippopotamus sitting", ["a cat sitting"], tok, upstream_tail=False)[0]
     expected = np.zeros((L, L), np.float32)
     expected[0, 0] = expected[1, 1] = 1
     expected[2:5, 2] = 1.0  # ratio 1/len(target tokens) = 1: the three pieces are summed
@@ -277,9 +277,12 @@ def test_replacement_unchanged_words_before_swap_follow_shift(tok):
     np.testing.assert_array_equal(m, np.eye(L))
     # 1-token -> 3-token swap BEFORE another swap: the middle word is shifted by 2
     # source B a cat on a cat E ; target B a hippo potam us on a dog E
-    m = replacement_mapper("a cat on a cat", ["a hippopotamus on a dog"], tok)[0]
+    m = replacement_mapper("a cat on a cat", ["a hippopotamus on a dog"], tok, upstream_tail=False)[0]
     assert m[3, 5] == 1 and m[4, 6] == 1 and m[5, 7] == 1 and m[6, 8] == 1
     np.testing.assert_allclose(m[2, 2:5], 1 / 3)
+    # the original (default): the same up to the last swap, then target eos 8 reads source 8 (padding)
+    m = replacement_mapper("a cat on a cat", ["a hippopotamus on a dog"], tok)[0]
+    assert m[3, 5] == 1 and m[4, 6] == 1 and m[5, 7] == 1 and m[8, 8] == 1 and m[6].sum() == 0
 
 
 def test_replacement_word_count_mismatch(tok):

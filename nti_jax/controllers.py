@@ -1,0 +1,130 @@
+"""Prompt-to-Prompt edit specs: the controllers (Replace, Refine, Reweight), LocalBlend, the
+edit-time guidance (single-branch, ProxEdit's Proximal) and their plain-settings form (manifests)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Steps = float | tuple | Mapping[str, Any]
+Words = Sequence[str | Sequence[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalBlend:
+    """Keep pixels outside the edited words' attention: words per prompt, source first.
+
+    `substruct_words` (one list per prompt, or None): pixels attending to them are kept from the
+    source as well (the original's subtracted mask, thresholded at `substruct_threshold`, no pooling).
+    """
+
+    words: Words
+    threshold: float = 0.3
+    start: float = 0.2
+    substruct_words: Words | None = None
+    substruct_threshold: float = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class Proximal:
+    """ProxEdit's proximal guidance (Han et al. 2023): the guidance delta eps_c - eps_u is shrunk by
+    its `quantile` over the batch (`norm` "l0" as PIE-Bench runs it, or "l1"), and at timesteps below
+    `recon_t` each latent is pulled toward the inversion's pivot by `recon_lr` wherever the shrunk
+    delta is small (its mask dilated by `dilate` latent pixels)."""
+
+    norm: str = "l0"
+    quantile: float = 0.75
+    recon_lr: float = 1.0
+    recon_t: int = 400
+    dilate: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Replace:
+    """Word swap (same word count): target cross-attention = source maps through a token mapper.
+
+    `mapping`: "original" (the authors' get_replacement_mapper) or "aligned" (tokens after a swapped
+    word whose token count changes are mapped source i -> target j; the original maps j -> j, so
+    every later target token reads the wrong source token). `single_branch`: the inversion's
+    unconditional embedding in the source row only, "" in the target rows. `proximal`: ProxEdit.
+    """
+
+    cross_replace_steps: Steps = 0.8
+    self_replace_steps: float | tuple = 0.4
+    blend: LocalBlend | None = None
+    max_self_size: int | None = None  # largest self-attn side edited; default latent/2
+    mapping: str = "original"
+    single_branch: bool = False
+    proximal: Proximal | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Refine(Replace):
+    """Added/removed words: aligned tokens take the source maps, new tokens keep their own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reweight(Replace):
+    """Scale chosen tokens' cross-attention (e.g. {"red": 3.0}) on top of `base`, or alone: then the
+    source maps are scaled position by position, as the original (prompts of any word count)."""
+
+    equalizer: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    base: Replace | None = None
+
+
+Controller = Replace | Refine | Reweight
+
+
+def auto_controller(source: str, targets: Sequence[str], **settings) -> Controller:
+    """Replace when every target has the source's word count, else Refine (defaults 0.8 / 0.4)."""
+    same = all(len(t.split()) == len(source.split()) for t in targets)
+    return Replace(**settings) if same else Refine(**settings)
+
+
+SETTINGS_KEYS = ("kind", "cross_replace_steps", "self_replace_steps", "equalizer", "blend_words",
+                 "blend_threshold", "blend_start", "max_self_size", "substruct_words", "substruct_threshold",
+                 "mapping", "guidance", "prox_norm", "prox_quantile", "recon_lr", "recon_t", "prox_dilate")
+GUIDANCE = ("plain", "single-branch", "proximal", "single-branch+proximal")
+
+
+def _proximal(settings: Mapping[str, Any]) -> Proximal:
+    p = Proximal(settings.get("prox_norm", "l0"), float(settings.get("prox_quantile", 0.75)),
+                 float(settings.get("recon_lr", 1.0)), int(settings.get("recon_t", 400)), int(settings.get("prox_dilate", 1)))
+    if p.norm not in ("l0", "l1") or not 0.0 < p.quantile < 1.0 or p.dilate < 0:
+        raise ValueError(f"proximal guidance needs prox_norm l0|l1, 0 < prox_quantile < 1, prox_dilate >= 0; got {p}")
+    return p
+
+
+def controller_from_settings(source: str, targets: Sequence[str], settings: Mapping[str, Any]) -> Controller:
+    """A controller from plain settings (CLI manifests): kind ("auto"|"replace"|"refine"),
+    cross_replace_steps, self_replace_steps, equalizer {word: factor}, blend_words /
+    substruct_words (one word list per prompt, source first), blend_threshold, substruct_threshold,
+    blend_start, max_self_size, mapping ("original"|"aligned"), guidance (one of GUIDANCE) with
+    prox_norm, prox_quantile, recon_lr, recon_t, prox_dilate."""
+    unknown = set(settings) - set(SETTINGS_KEYS) - {"prompt"}
+    if unknown:
+        raise ValueError(f"unknown edit settings: {', '.join(sorted(unknown))}")
+    kind = settings.get("kind", "auto")
+    if kind not in ("auto", "replace", "refine"):
+        raise ValueError(f"edit kind must be auto, replace or refine; got {kind!r}")
+    guidance = settings.get("guidance", "plain")
+    if guidance not in GUIDANCE:
+        raise ValueError(f"edit guidance must be one of {', '.join(GUIDANCE)}; got {guidance!r}")
+    blend = None
+    if settings.get("blend_words"):
+        blend = LocalBlend(settings["blend_words"], settings.get("blend_threshold", 0.3), settings.get("blend_start", 0.2),
+                           settings.get("substruct_words"), settings.get("substruct_threshold", 0.3))
+    common = {
+        "cross_replace_steps": settings.get("cross_replace_steps", 0.8),
+        "self_replace_steps": settings.get("self_replace_steps", 0.4),
+        "blend": blend,
+        "max_self_size": settings.get("max_self_size"),
+        "mapping": settings.get("mapping", "original"),
+        "single_branch": "single-branch" in guidance,
+        "proximal": _proximal(settings) if "proximal" in guidance else None,
+    }
+    base = auto_controller(source, targets, **common) if kind == "auto" else (Replace if kind == "replace" else Refine)(**common)
+    if settings.get("equalizer"):
+        return Reweight(**common, equalizer=dict(settings["equalizer"]), base=base)
+    return base

@@ -1,0 +1,76 @@
+"""Cross-attention heat maps: the notebook's show_cross_attention as one PNG per image or edit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .io import atomic_path, to_uint8
+
+if TYPE_CHECKING:
+    from .controllers import Controller
+    from .inversion import Inversion
+    from .pipeline import Pipeline
+
+
+def token_labels(pipe: Pipeline, prompt: str) -> list[str]:
+    """The decoded tokens of a prompt, bos first, without padding."""
+    ids = pipe.tokenizer(prompt)["input_ids"]
+    return [pipe.tokenizer.decode([i]) for i in ids]
+
+
+def attention_grid(image, maps: np.ndarray, labels: Sequence[str], cell: int = 96) -> np.ndarray:
+    """uint8 (cell + 16, cell * len(labels), 3): each token's map (s, s, >= len(labels)), scaled to
+    its own range, as a heat map over the image, the token written under it."""
+    from PIL import Image, ImageDraw
+
+    img = np.asarray(image)
+    img = img if img.dtype == np.uint8 else to_uint8(img)
+    base = Image.fromarray(img).resize((cell, cell))
+    grid = Image.new("RGB", (cell * len(labels), cell + 16), "white")
+    for k, label in enumerate(labels):
+        m = maps[..., k]
+        m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+        heat = np.stack([m, 0.2 * np.ones_like(m), 1.0 - m], axis=-1)
+        heat = Image.fromarray(to_uint8(heat)).resize((cell, cell), Image.BILINEAR)
+        grid.paste(Image.blend(base, heat, 0.55), (k * cell, 0))
+        ImageDraw.Draw(grid).text((k * cell + 4, cell + 2), label[:14], fill="black")
+    return np.asarray(grid)
+
+
+def save_attention_grid(image, maps: np.ndarray, labels: Sequence[str], path: str, cell: int = 96) -> None:
+    """`attention_grid` written atomically as a PNG."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(attention_grid(image, maps, labels, cell)).save(tmp, format="PNG")
+
+
+def write_attention_png(pipe: Pipeline, inv: Inversion, path: str, target: str | None = None, *,
+                        controller: Controller | None = None, images: np.ndarray | None = None, cell: int = 96) -> None:
+    """One PNG of heat maps for an inverted image (one row: the source prompt's tokens over the
+    reconstruction) or, with `target`, for an edit (two rows: source, then the target's edited maps
+    over the edited image). `images`: the edit's (or reconstruction's) images if already made."""
+    from . import p2p
+
+    prompts = [inv.prompts[0]] + ([target] if target is not None else [])
+    maps = p2p.attention_maps(pipe, inv, prompts[1:], controller=controller)  # (R, s, s, L)
+    if images is None:
+        images = p2p.edit(pipe, inv, prompts[1:], controller=controller) if target is not None else None
+    if images is None:
+        from .sampling import reconstruct
+
+        images = np.asarray(reconstruct(pipe, inv)[0])
+    rows = [attention_grid(images[r], maps[r], token_labels(pipe, p), cell) for r, p in enumerate(prompts)]
+    width = max(r.shape[1] for r in rows)
+    grid = np.full((sum(r.shape[0] for r in rows), width, 3), 255, np.uint8)
+    y = 0
+    for r in rows:
+        grid[y : y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0]
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
