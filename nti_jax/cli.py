@@ -22,6 +22,7 @@ from . import parallel, pie_bench
 from .driver import Driver, RunConfig
 from .errors import NtiError
 from .io import atomic_path
+from .controllers import GUIDANCE
 from .manifest import PACKAGE_DIR, Item, UsageError, assign_names, collect_items
 from .pipeline import DTYPES, load_pipeline
 from .runs import RunLog, model_fingerprint, one_line
@@ -33,6 +34,7 @@ DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "toy", "model")
 DEFAULT_OUT = "outputs"
 DEFAULT_SETTINGS = InvertSettings()  # the paper's
 RUN_DEFAULTS = {"dtype": "float32", "batch_size": 1}  # batch size 1 fits any accelerator
+DEFAULT_EDIT_GUIDANCE = "single-branch"  # the measured best with null-text inversion (RESULTS.md)
 # command-line option -> InvertSettings field
 SETTING_ARGS = {"method": "method", "steps": "num_steps", "guidance": "guidance_scale",
                 "inner_steps": "num_inner_steps", "early_stop_eps": "early_stop_epsilon"}
@@ -46,7 +48,9 @@ manifest (--manifest FILE.jsonl), one JSON object a line; image paths are relati
   optional per row: "name" (output folder), "crop" [left, right, top, bottom].
   Edit settings (nti_jax.p2p.controller_from_settings): kind (auto|replace|refine),
   cross_replace_steps, self_replace_steps, equalizer {word: factor}, blend_words (word lists,
-  source first), blend_threshold, blend_start, max_self_size.
+  source first), blend_threshold, blend_start, max_self_size, substruct_words,
+  substruct_threshold, mapping (original|aligned), guidance (plain|single-branch|proximal|
+  single-branch+proximal), prox_norm, prox_quantile, recon_lr, recon_t, prox_dilate.
 
 outputs: OUT/<name>/{inversion.safetensors, input.png, reconstruction.png, edit-<k>-<words>.png,
   metrics.json}, OUT/results.jsonl (one row per image: status done|skipped|failed|pending).
@@ -131,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pie-bench", metavar="DATA_DIR", help="a PIE-Bench folder (mapping_file.json, annotation_images/): every entry set up as PnPInversion's run_editing_p2p.py; also writes OUT/pnp/ (their output layout) and OUT/pie_bench_metrics.{json,md}")
     g.add_argument("--pie-types", metavar="0,6", help="PIE-Bench editing types to run (default: all, 0-9)")
     g.add_argument("--out", metavar="DIR", help="output folder (default: %(default)s)")
+    g = p.add_argument_group("edits (defaults for every edit; a manifest edit's own settings win)")
+    g.add_argument("--edit-guidance", choices=GUIDANCE, help="edit-time guidance (default: single-branch, which keeps null-text edits from overshooting, see benchmarks/RESULTS.md; plain under --pie-bench, as its authors ran it)")
+    g.add_argument("--mapping", choices=("original", "aligned"), help="Replace's token mapper (default original, the authors'; aligned fixes swaps that change the token count)")
+    g.add_argument("--prox-quantile", type=_finite_float, metavar="Q", help="proximal guidance: quantile of |eps_c - eps_u| kept (default 0.75)")
+    g.add_argument("--recon-t", type=_nonnegative_int, metavar="T", help="proximal guidance: pull toward the inversion below this timestep (default 400)")
+    g.add_argument("--recon-lr", type=_finite_float, metavar="LR", help="proximal guidance: weight of that pull (default 1)")
     g = p.add_argument_group("inversion")
     g.add_argument("--method", choices=METHODS, help="default: %(default)s (the paper)")
     g.add_argument("--steps", type=_positive_int, metavar="N", help="DDIM steps (default %(default)s)")
@@ -181,6 +191,17 @@ def _write_json(path: str, obj: dict) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=str)
+
+
+def _apply_edit_defaults(items: list[Item], args, guidance: str) -> None:
+    """Every edit gets the command line's edit settings where it does not set its own (so they
+    are recorded in metrics.json and key the outputs)."""
+    defaults = {"guidance": args.edit_guidance or guidance}
+    for arg, key in (("mapping", "mapping"), ("prox_quantile", "prox_quantile"), ("recon_t", "recon_t"), ("recon_lr", "recon_lr")):
+        if getattr(args, arg) is not None:
+            defaults[key] = getattr(args, arg)
+    for it in items:
+        it.edits = [{**defaults, **e} for e in it.edits]
 
 
 def _pie_rows(args) -> list[dict]:
@@ -264,6 +285,7 @@ def _run(args, settings: InvertSettings, argv: list[str]) -> int:
     pid, nproc = parallel.process_info()
     pie_rows = _pie_rows(args)
     items = _pie_items(pie_rows) if pie_rows else collect_items(args.image, args.prompt, args.manifest, args.edit or [], args.no_edits)
+    _apply_edit_defaults(items, args, "plain" if pie_rows else DEFAULT_EDIT_GUIDANCE)
     devices = jax.local_devices()
     if args.num_devices:
         if args.num_devices > len(devices):
