@@ -23,7 +23,7 @@ from .driver import Driver, RunConfig
 from .errors import NtiError
 from .io import atomic_path
 from .controllers import GUIDANCE
-from .manifest import PACKAGE_DIR, Item, UsageError, assign_names, collect_items
+from .manifest import PACKAGE_DIR, Item, UsageError, assign_names, check_items, collect_items
 from .pipeline import DTYPES, load_pipeline
 from .runs import RunLog, model_fingerprint, one_line
 from .schedule import inference_timesteps
@@ -45,7 +45,9 @@ manifest (--manifest FILE.jsonl), one JSON object a line; image paths are relati
    "edits": [{"prompt": "a dog sitting on a wall", "kind": "replace", "cross_replace_steps": 0.8,
               "self_replace_steps": 0.5, "blend_words": [["cat"], ["dog"]]},
              {"prompt": "a fluffy cat sitting on a wall", "equalizer": {"fluffy": 4}}]}
-  optional per row: "name" (output folder), "crop" [left, right, top, bottom].
+  optional per row: "name" (output folder), "crop" [left, right, top, bottom]; other keys are the
+  row's own data (ignored), but one that looks like a misspelt key ("edit") is an error; no two
+  rows may name the same output folder.
   Edit settings (nti_jax.p2p.controller_from_settings): kind (auto|replace|refine),
   cross_replace_steps, self_replace_steps, equalizer {word: factor}, blend_words (word lists,
   source first), blend_threshold, blend_start, max_self_size, substruct_words,
@@ -53,7 +55,9 @@ manifest (--manifest FILE.jsonl), one JSON object a line; image paths are relati
   single-branch+proximal), prox_norm, prox_quantile, recon_lr, recon_t, prox_dilate.
 
 outputs: OUT/<name>/{inversion.safetensors, input.png, reconstruction.png, edit-<k>-<words>.png,
-  metrics.json}, OUT/results.jsonl (one row per image: status done|skipped|failed|pending).
+  attention.png (each token's cross-attention, averaged over the 16x16-level layers and the
+  steps, over the image; --attention: attention-edit-<k>-<words>.png too), metrics.json},
+  OUT/index.html (the report), OUT/results.jsonl (one row per image: status done|skipped|failed|pending).
   Reruns skip finished images. Exit status: 0 all done, 1 some image failed, 2 bad arguments,
   130 interrupted (Ctrl-C / SIGTERM; finished images are kept).
 
@@ -137,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="DIR", help="output folder (default: %(default)s)")
     g = p.add_argument_group("edits (defaults for every edit; a manifest edit's own settings win)")
     g.add_argument("--edit-guidance", choices=GUIDANCE, help="edit-time guidance (default: single-branch, which keeps null-text edits from overshooting, see benchmarks/RESULTS.md; plain under --pie-bench, as its authors ran it)")
+    g.add_argument("--attention", action="store_true", help="also a heat-map PNG per edit (source and target tokens' cross-attention; attention.png per image is always written)")
     g.add_argument("--mapping", choices=("original", "aligned"), help="Replace's token mapper (default original, the authors'; aligned fixes swaps that change the token count)")
     g.add_argument("--prox-quantile", type=_finite_float, metavar="Q", help="proximal guidance: quantile of |eps_c - eps_u| kept (default 0.75)")
     g.add_argument("--recon-t", type=_nonnegative_int, metavar="T", help="proximal guidance: pull toward the inversion below this timestep (default 400)")
@@ -286,6 +291,7 @@ def _run(args, settings: InvertSettings, argv: list[str]) -> int:
     pie_rows = _pie_rows(args)
     items = _pie_items(pie_rows) if pie_rows else collect_items(args.image, args.prompt, args.manifest, args.edit or [], args.no_edits)
     _apply_edit_defaults(items, args, "plain" if pie_rows else DEFAULT_EDIT_GUIDANCE)
+    check_items(items)
     devices = jax.local_devices()
     if args.num_devices:
         if args.num_devices > len(devices):
@@ -306,7 +312,7 @@ def _run(args, settings: InvertSettings, argv: list[str]) -> int:
         inference_timesteps(pipe.scheduler_config, settings.num_steps)
     except ValueError as e:
         raise UsageError(f"--steps: {e}") from None
-    cfg = RunConfig(settings, model, args.dtype, args.batch_size, args.force, args.step_progress)
+    cfg = RunConfig(settings, model, args.dtype, args.batch_size, args.force, args.step_progress, args.attention)
     log = RunLog(args.out, pid, nproc, force=args.force)
     barrier = parallel.FileBarrier(log.out, parallel.FileBarrier.new_token(), pid, nproc)
     driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log, model_fingerprint(model))

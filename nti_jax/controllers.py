@@ -4,6 +4,7 @@ edit-time guidance (single-branch, ProxEdit's Proximal) and their plain-settings
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,6 +89,44 @@ SETTINGS_KEYS = ("kind", "cross_replace_steps", "self_replace_steps", "equalizer
 GUIDANCE = ("plain", "single-branch", "proximal", "single-branch+proximal")
 
 
+def window(steps) -> tuple[float, float]:
+    """A step window as (start, end) fractions: a number is (0, number); ValueError unless 0 <= start <= end <= 1."""
+    try:
+        lo, hi = (0.0, float(steps)) if isinstance(steps, (int, float)) and not isinstance(steps, bool) else map(float, steps)
+    except (TypeError, ValueError):
+        lo, hi = math.nan, math.nan
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"a step window must satisfy 0 <= start <= end <= 1, got {steps!r}")
+    return lo, hi
+
+
+def _fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_ranges(settings: Mapping[str, Any]) -> None:
+    """The plain settings' ranges, before any controller is built (a manifest fails when read)."""
+    cross = settings.get("cross_replace_steps", 0.8)
+    for steps in cross.values() if isinstance(cross, Mapping) else [cross]:
+        window(steps)
+    window(settings.get("self_replace_steps", 0.4))
+    for name in ("blend_threshold", "substruct_threshold", "blend_start"):
+        if name in settings:
+            _fraction(name, settings[name])
+    size = settings.get("max_self_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"max_self_size must be a positive integer, got {size!r}")
+    eq = settings.get("equalizer") or {}
+    if not isinstance(eq, Mapping) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in eq.values()):
+        raise ValueError(f"equalizer must map words to finite numbers, got {eq!r}")
+    lr, t = settings.get("recon_lr", 1.0), settings.get("recon_t", 400)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"recon_lr must be a finite number >= 0, got {lr!r}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1000:
+        raise ValueError(f"recon_t must be a timestep in 0..1000, got {t!r}")
+
+
 def _proximal(settings: Mapping[str, Any]) -> Proximal:
     p = Proximal(settings.get("prox_norm", "l0"), float(settings.get("prox_quantile", 0.75)),
                  float(settings.get("recon_lr", 1.0)), int(settings.get("recon_t", 400)), int(settings.get("prox_dilate", 1)))
@@ -105,6 +144,7 @@ def controller_from_settings(source: str, targets: Sequence[str], settings: Mapp
     unknown = set(settings) - set(SETTINGS_KEYS) - {"prompt"}
     if unknown:
         raise ValueError(f"unknown edit settings: {', '.join(sorted(unknown))}")
+    _check_ranges(settings)
     kind = settings.get("kind", "auto")
     if kind not in ("auto", "replace", "refine"):
         raise ValueError(f"edit kind must be auto, replace or refine; got {kind!r}")

@@ -19,14 +19,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import p2p
+from . import heatmaps, p2p
 from .errors import PromptError, PromptTruncatedWarning
 from .inversion import Inversion
 from .io import load_image
 from .manifest import Item
 from .parallel import FileBarrier, ShardedInverter, host_share, per_device_batch
 from .pipeline import Pipeline
-from .runs import RunLog, add_reconstruction, image_metrics, item_keys, one_line
+from .runs import RunLog, add_reconstruction, edit_file, image_metrics, item_keys, one_line
 from .settings import InvertSettings
 
 
@@ -40,6 +40,7 @@ class RunConfig:
     batch_size: int = 1  # images per device per batch
     force: bool = False
     step_progress: bool = False
+    attention: bool = False  # a heat-map PNG per edit too (attention.png per image always)
 
 
 class StepProgress:
@@ -90,10 +91,21 @@ class Driver:
         settings = {k: v for k, v in edit.items() if k != "prompt"}
         return p2p.controller_from_settings(it.prompt, [edit["prompt"]], settings)
 
-    @staticmethod
-    def run_edits(pipe: Pipeline, inv: Inversion, it: Item) -> list:
-        """Dispatch the item's edits (one `edit` call per edit); arrays may still be in flight."""
-        return [p2p.edit(pipe, inv, [e["prompt"]], controller=c) for e, c in zip(it.edits, it.controllers)]
+    def run_edits(self, pipe: Pipeline, inv: Inversion, it: Item) -> list:
+        """The item's edited images, one `edit` program per edit; their cross-attention maps become
+        the image's heat maps (`it.heatmaps`: attention.png, and one per edit with --attention)."""
+        out, maps = [], []
+        for e, c in zip(it.edits, it.controllers):
+            latents, m = p2p.edit_latents(pipe, inv, [e["prompt"]], controller=c)
+            out.append(np.asarray(pipe.decode_latents(latents)))
+            maps.append(np.asarray(m))
+        first = maps[0][:1] if maps else p2p.attention_maps(pipe, inv)
+        it.heatmaps = {"attention.png": heatmaps.attention_sheet(pipe, inv.prompts[:1], it.pixels[None], first)}
+        if self.cfg.attention:
+            for k, (e, images, m) in enumerate(zip(it.edits, out, maps)):
+                sheet = heatmaps.attention_sheet(pipe, [inv.prompts[0], e["prompt"]], images, m)
+                it.heatmaps["attention-" + edit_file(k, e)] = sheet
+        return out
 
     def edit_one(self, it: Item, inv: Inversion) -> tuple[Optional[list], Optional[str], float]:
         """(edited images or None, error or None, seconds) for one inverted image."""
@@ -132,11 +144,13 @@ class Driver:
         try:
             inv = Inversion.load(os.path.join(self.log.folder(it), "inversion.safetensors"))
             it.controllers = [self.controller(it, e) for e in it.edits]
+            it.pixels = load_image(os.path.join(self.log.folder(it), "input.png"), self.pipe.image_size)
             metrics["edits"] = self.log.save_edits(it, self.run_edits(self.pipe, inv, it))
+            self.log.save_heatmaps(it)
         except KeyboardInterrupt:
             raise
         except Exception as e:
-            error = one_line(e)
+            error = self.log.write_failed(e)  # a full disk also stops the run
         self.log.close_image(it, metrics, error, prev.get("inversion_seconds", 0.0), t1)
 
     # -- a batch --------------------------------------------------------------------------------
@@ -201,6 +215,8 @@ class Driver:
             st, prev = self.log.state(it)
             if st == "done":
                 self.log.record(it, "skipped", metrics=prev)
+            elif st == "taken":
+                self.log.record(it, "failed", self.log.taken(it, prev))
             elif st == "reuse":
                 reuse.append((it, prev))
             else:
@@ -208,11 +224,16 @@ class Driver:
         return new, reuse
 
     def loop(self, new: list[Item], reuse: list[tuple[Item, dict]]) -> None:
+        """Every image in batches; stops (the rest stay "pending") once a write found the disk full."""
         for it, prev in reuse:
+            if self.log.stop:
+                return
             self.redo_edits(it, prev)
         cap = self.per_device * self.inverter.num_devices
         batch: list[Item] = []
         for it in new:
+            if self.log.stop:
+                return
             try:
                 self.prepare(it)
             except KeyboardInterrupt:
@@ -224,7 +245,7 @@ class Driver:
             if len(batch) == cap:
                 self.run_batch(batch)
                 batch = []
-        if batch:
+        if batch and not self.log.stop:
             self.run_batch(batch)
 
     def run(self, barrier: Optional[FileBarrier] = None, on_done: Optional[Callable[[], None]] = None) -> int:
@@ -253,38 +274,45 @@ class Driver:
             log.bar.close()
             log.bar = None
             rows = log.close(share)
-        return self.summary(rows, elapsed, interrupted, barrier, on_done)
+        return summary(self.log, rows, elapsed, interrupted, barrier, on_done)
 
-    def summary(self, rows: list[dict], elapsed: float, interrupted: bool, barrier, on_done) -> int:
-        log = self.log
-        results = os.path.join(log.out, "results.jsonl")
-        merge_error = None
-        if log.nproc > 1 and not interrupted:
-            try:
-                barrier.wait("results")
-                if log.pid == 0:
-                    rows = log.merge()
-            except Exception as e:  # another process died: this one's rows stay in its own file
-                merge_error = one_line(e)
-        if on_done is not None and (log.nproc == 1 or log.pid == 0) and merge_error is None:
+
+def summary(log: RunLog, rows: list[dict], elapsed: float, interrupted: bool, barrier, on_done) -> int:
+    """After this process's share: meet the other processes, merge (process 0), finish the run's
+    files (`on_done`), print the summary; the exit status."""
+    results = os.path.join(log.out, "results.jsonl")
+    merge_error = None
+    if log.nproc > 1 and not interrupted:
+        try:
+            barrier.wait("results")
+            if log.pid == 0:
+                rows = log.merge()
+        except Exception as e:  # another process died: this one's rows stay in its own file
+            merge_error = one_line(e)
+    if on_done is not None and (log.nproc == 1 or log.pid == 0) and merge_error is None:
+        try:
             on_done()
-        count = lambda s: sum(r.get("status") == s for r in rows)
-        done, skipped, failed, pending = count("done"), count("skipped"), count("failed"), count("pending")
-        rate = log.counts["done"] / elapsed if elapsed > 0 else 0.0
-        scope = "" if log.nproc == 1 else (" (all processes)" if log.pid == 0 else f" (process {log.pid})")
-        line = f"{done} done, {skipped} skipped, {failed} failed"
-        if pending:
-            line += f", {pending} not reached"
-        line += f"{scope}; {elapsed:.1f} s, {rate:.3g} images/s"
-        if log.nproc > 1:
-            line += f" on process {log.pid}"
-        print(("interrupted: " if interrupted else "") + line)
-        if merge_error:
-            print(f"could not merge the processes' results ({merge_error}); see {log.out}/results.<process>.jsonl", file=sys.stderr)
-        elif log.nproc == 1 or log.pid == 0:
-            print(f"outputs in {log.out} (per image: <name>/; index: {results})")
-        else:
-            print(f"outputs in {log.out}; process 0 merges {results}")
-        if interrupted:
-            return 130
-        return 1 if failed or merge_error else 0
+        except OSError as e:  # run.json's finish time, the report: the images are written already
+            print(f"could not finish the run's files: {one_line(e)}", file=sys.stderr)
+    count = lambda s: sum(r.get("status") == s for r in rows)
+    done, skipped, failed, pending = count("done"), count("skipped"), count("failed"), count("pending")
+    rate = log.counts["done"] / elapsed if elapsed > 0 else 0.0
+    scope = "" if log.nproc == 1 else (" (all processes)" if log.pid == 0 else f" (process {log.pid})")
+    line = f"{done} done, {skipped} skipped, {failed} failed"
+    if pending:
+        line += f", {pending} not reached"
+    line += f"{scope}; {elapsed:.1f} s, {rate:.3g} images/s"
+    if log.nproc > 1:
+        line += f" on process {log.pid}"
+    print(("interrupted: " if interrupted else "") + line)
+    if log.stop:
+        print(f"stopped: {log.stop}; every later image would fail the same way: make room and rerun (finished images are kept)", file=sys.stderr)
+    if merge_error:
+        print(f"could not merge the processes' results ({merge_error}); see {log.out}/results.<process>.jsonl", file=sys.stderr)
+    elif log.nproc == 1 or log.pid == 0:
+        print(f"outputs in {log.out} (per image: <name>/; index: {results})")
+    else:
+        print(f"outputs in {log.out}; process 0 merges {results}")
+    if interrupted:
+        return 130
+    return 1 if failed or merge_error or log.stop else 0

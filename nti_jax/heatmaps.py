@@ -48,11 +48,25 @@ def save_attention_grid(image, maps: np.ndarray, labels: Sequence[str], path: st
         Image.fromarray(attention_grid(image, maps, labels, cell)).save(tmp, format="PNG")
 
 
+def attention_sheet(pipe: Pipeline, prompts: Sequence[str], images, maps: np.ndarray, cell: int = 96) -> np.ndarray:
+    """uint8: one `attention_grid` row per prompt (its image (H, W, 3), its maps (s, s, L)), stacked."""
+    labels = [token_labels(pipe, p)[: maps.shape[-1]] for p in prompts]
+    rows = [attention_grid(images[r], maps[r], labels[r], cell) for r in range(len(prompts))]
+    grid = np.full((sum(r.shape[0] for r in rows), max(r.shape[1] for r in rows), 3), 255, np.uint8)
+    y = 0
+    for r in rows:
+        grid[y : y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0]
+    return grid
+
+
 def write_attention_png(pipe: Pipeline, inv: Inversion, path: str, target: str | None = None, *,
                         controller: Controller | None = None, images: np.ndarray | None = None, cell: int = 96) -> None:
     """One PNG of heat maps for an inverted image (one row: the source prompt's tokens over the
     reconstruction) or, with `target`, for an edit (two rows: source, then the target's edited maps
     over the edited image). `images`: the edit's (or reconstruction's) images if already made."""
+    from PIL import Image
+
     from . import p2p
 
     prompts = [inv.prompts[0]] + ([target] if target is not None else [])
@@ -63,14 +77,5 @@ def write_attention_png(pipe: Pipeline, inv: Inversion, path: str, target: str |
         from .sampling import reconstruct
 
         images = np.asarray(reconstruct(pipe, inv)[0])
-    rows = [attention_grid(images[r], maps[r], token_labels(pipe, p), cell) for r, p in enumerate(prompts)]
-    width = max(r.shape[1] for r in rows)
-    grid = np.full((sum(r.shape[0] for r in rows), width, 3), 255, np.uint8)
-    y = 0
-    for r in rows:
-        grid[y : y + r.shape[0], : r.shape[1]] = r
-        y += r.shape[0]
-    from PIL import Image
-
     with atomic_path(path) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+        Image.fromarray(attention_sheet(pipe, prompts, images, maps, cell)).save(tmp, format="PNG")

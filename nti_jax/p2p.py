@@ -35,6 +35,7 @@ from .controllers import (  # noqa: F401  (the public names stay importable from
     Words,
     auto_controller,
     controller_from_settings,
+    window,
 )
 from .errors import NtiError, PromptError
 from .heatmaps import save_attention_grid, token_labels  # noqa: F401  (public here as before)
@@ -76,9 +77,7 @@ class _Arrays:
 
 
 def _window(steps, num_steps: int) -> tuple[int, int]:
-    lo, hi = (0.0, float(steps)) if isinstance(steps, (int, float)) else map(float, steps)
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"a step window must satisfy 0 <= start <= end <= 1, got {steps!r}")
+    lo, hi = window(steps)
     return int(lo * num_steps), int(hi * num_steps)
 
 
@@ -135,14 +134,45 @@ def _mapper(pipe: Pipeline, controller: Controller, source: str, targets: Sequen
     return "replace", mapper, np.ones((n, L), np.float32)
 
 
+def _controller_words(controller: Controller, n_prompts: int) -> list[tuple[int, str]]:
+    """(prompt index, word) for every word the controller names (blend, equalizer, per-word steps)."""
+    out = []
+    blend = controller.blend
+    for lists in (blend.words, blend.substruct_words or []) if blend is not None else ():
+        for r, words in enumerate(lists):
+            out += [(r, w) for w in ([words] if isinstance(words, str) else words)]
+    named = dict(getattr(controller, "equalizer", {}) or {})
+    if isinstance(controller.cross_replace_steps, Mapping):
+        named.update({w: None for w in controller.cross_replace_steps if w != "default_"})
+    return out + [(r, w) for w in named for r in range(1, n_prompts)]
+
+
+def _within_limit(pipe: Pipeline, controller: Controller, source: str, targets: list[str]) -> tuple[str, list[str]]:
+    """The prompts as the model reads them: a prompt over the token limit is cut as `tokenize` cuts
+    it (the inversion was made from the cut caption); a word the controller names that only the cut
+    part held is a PromptError naming it."""
+    prompts = [source, *targets]
+    cut = [pipe.truncation(p) for p in prompts]
+    if not any(c is not None for c in cut):
+        return source, targets
+    kept = [p if c is None else pipe.tokenizer.decode(pipe.tokenize([p])[0][1 : pipe.max_tokens - 1]) for p, c in zip(prompts, cut)]
+    norm = lambda text: " " + " ".join(w.strip(".,;:!?'\"()[]{}").lower() for w in str(text).split()) + " "
+    for r, word in _controller_words(controller, len(prompts)):
+        if r >= len(prompts) or cut[r] is None or not isinstance(word, str):
+            continue
+        if norm(word) in norm(cut[r]) and norm(word) not in norm(kept[r]):
+            raise PromptError(f"word {word!r} is past the model's {pipe.max_tokens}-token limit in prompt "
+                              f"{kept[r][:60]!r}... (cut off there); shorten the prompt")
+    return kept[0], kept[1:]
+
+
 def compile_controller(
     pipe: Pipeline, controller: Controller, source: str, targets: Sequence[str], num_steps: int, latent: int, direct: bool
 ) -> tuple[_Static, _Arrays]:
     """Arrays and static settings of a controller for prompts [source, *targets]."""
     tok, L = pipe.tokenizer, pipe.max_tokens
+    source, targets = _within_limit(pipe, controller, source, list(targets))
     prompts = [source, *targets]
-    for p in prompts:
-        sa.check_length(p, tok, L)
     n = len(targets)
     kind, mapper, refine_alphas = _mapper(pipe, controller, source, targets)
     eq = np.ones((n, L), np.float32)

@@ -2,11 +2,14 @@
 run finished it, its metrics.json, and the results files (one row per image, JSON lines).
 
 Per image, under OUT/<name>/: inversion.safetensors, input.png, reconstruction.png, one PNG per
-edit and metrics.json (written last, atomically: it marks the image finished).
+edit and metrics.json (written last, atomically: it marks the image finished). Finished work is
+never rewritten by another image (a folder that holds one fails the newcomer unless --force), and
+a write that finds the disk full fails its image and stops the run (`RunLog.stop`).
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -18,19 +21,36 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import NtiError, OptimisationError
+from .errors import OptimisationError
 from .io import atomic_path, psnr, save_png
 from .manifest import Item
 from .settings import InvertSettings
 
 STATUSES = ("done", "skipped", "failed", "pending")
+# write errors after which the run stops (the next image would fail the same way)
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 ROW_METRICS = ("psnr", "vae_psnr", "latent_mse", "inner_iterations", "seconds")
 
 
 def one_line(e: BaseException) -> str:
-    """An exception as one line for the user: our own errors as they are, others with their class."""
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return msg if isinstance(e, NtiError) else f"{type(e).__name__}: {msg}"
+    """An exception as one line for the user, without Python's class names (an exception with no
+    message says only what kind of failure it was)."""
+    msg = " ".join(str(e).split())
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in msg:
+        return "out of memory" + (f" ({msg})" if msg else "") + "; use a smaller --batch-size"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return msg or f"unexpected failure ({type(e).__name__})"
+
+
+def _same_file(a, b: str) -> bool:
+    """Whether two image paths name the same file (by path when either is gone)."""
+    if not isinstance(a, str):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _hash(obj) -> str:
@@ -163,6 +183,7 @@ class RunLog:
         self.path = results_file(self.out, process_index, process_count)
         self.log = None
         self.bar = None  # a tqdm bar to report on, set by the driver
+        self.stop: Optional[str] = None  # why the run must stop (a full disk), set by a failed write
 
     def folder(self, it: Item) -> str:
         return os.path.join(self.out, it.name)
@@ -180,10 +201,13 @@ class RunLog:
         return m if isinstance(m, dict) else None
 
     def state(self, it: Item) -> tuple[str, Optional[dict]]:
-        """"done" (skip), "reuse" (inversion saved, edits to do) or "new"."""
+        """"done" (skip), "reuse" (inversion saved, edits to do), "new", or "taken" (the folder holds
+        another image's finished work: never overwritten without --force)."""
         m = None if self.force else self.previous(it)
         if m is None:
             return "new", None
+        if (m.get("status") == "done" or m.get("inversion_key")) and not _same_file(m.get("image"), it.image):
+            return "taken", m
         d = self.folder(it)
         inv_ok = m.get("inversion_key") == it.inversion_key and os.path.isfile(os.path.join(d, "inversion.safetensors"))
         files = ["reconstruction.png"] + [edit_file(k, e) for k, e in enumerate(it.edits)]
@@ -192,6 +216,18 @@ class RunLog:
         if inv_ok and m.get("psnr") is not None:
             return "reuse", m
         return "new", None
+
+    def taken(self, it: Item, prev: dict) -> str:
+        """The error of an image whose output folder holds another image's results."""
+        return (f"the output folder {self.folder(it)} holds the results of another image ({prev.get('image')}); "
+                "give this row its own \"name\" or rerun with --force to replace them")
+
+    def write_failed(self, e: BaseException) -> str:
+        """One line for a failed write; a full disk (or a file-size limit, a read-only disk) also
+        stops the run, since every later image would fail the same way."""
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS and self.stop is None:
+            self.stop = one_line(e)
+        return one_line(e)
 
     def write_metrics(self, it: Item, metrics: dict) -> None:
         with atomic_path(os.path.join(self.folder(it), "metrics.json")) as tmp:
@@ -210,6 +246,11 @@ class RunLog:
             out.append(dict(e, file=fn))
         return out
 
+    def save_heatmaps(self, it: Item) -> None:
+        """The image's cross-attention heat maps (attention.png, and per edit with --attention)."""
+        for name, image in it.heatmaps.items():
+            save_png(image, os.path.join(self.folder(it), name))
+
     def finish(self, it: Item, inv, recon_img, edits, error: Optional[str], metrics: dict, t1: float) -> None:
         """Write the image's files, metrics.json last (atomic), and its results row. A finite
         inversion (`recon_img` given) is kept even if its edits failed."""
@@ -224,10 +265,12 @@ class RunLog:
                 save_png(recon_img, os.path.join(folder, "reconstruction.png"))
                 if error is None and edits:
                     metrics["edits"] = self.save_edits(it, edits)
+                if error is None:
+                    self.save_heatmaps(it)
         except KeyboardInterrupt:
             raise
         except Exception as e:
-            error = error or one_line(e)
+            error = error or self.write_failed(e)
         self.close_image(it, metrics, error, metrics["inversion_seconds"], t1)
 
     def close_image(self, it: Item, metrics: dict, error: Optional[str], inv_seconds: float, t1: float) -> None:
@@ -240,7 +283,7 @@ class RunLog:
         try:
             self.write_metrics(it, metrics)
         except OSError as e:
-            error, metrics["status"] = error or one_line(e), "failed"
+            error, metrics["status"] = error or self.write_failed(e), "failed"
         self.record(it, metrics["status"], error, metrics)
 
     def record(self, it: Item, status: str, error: Optional[str] = None, metrics: Optional[dict] = None) -> None:
@@ -259,8 +302,11 @@ class RunLog:
         self.rows[it.index] = row
         self.counts[status] = self.counts.get(status, 0) + 1
         if self.log is not None:
-            self.log.write(json.dumps(row) + "\n")
-            self.log.flush()
+            try:
+                self.log.write(json.dumps(row) + "\n")
+                self.log.flush()
+            except OSError as e:  # the row is kept in memory and written whole by `close`
+                self.write_failed(e)
         if self.bar is not None:
             if status == "failed":
                 self.bar.write(f"failed: {it.label}: {error}", file=sys.stderr)
@@ -272,7 +318,11 @@ class RunLog:
         """Rewrite this process's results file whole: one row per image of its share, in order
         (images not reached are "pending")."""
         if self.log is not None:
-            self.log.close()
+            try:
+                self.log.close()
+            except OSError:
+                pass  # a full disk: the rows are rewritten whole just below
+            self.log = None
         rows = [
             self.rows.get(it.index) or {"index": it.index, "name": it.name, "image": it.image, "prompt": it.prompt, "status": "pending"}
             for it in share
@@ -280,7 +330,11 @@ class RunLog:
         if self.nproc > 1:
             for r in rows:
                 r["process"] = self.pid
-        write_jsonl(self.path, rows)
+        try:
+            write_jsonl(self.path, rows)
+        except OSError as e:
+            self.write_failed(e)
+            print(f"could not write {self.path}: {one_line(e)}", file=sys.stderr)
         return rows
 
     def merge(self) -> list[dict]:
