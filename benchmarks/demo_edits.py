@@ -3,7 +3,10 @@ bundled sample, whether the edited object took the target colour and the backgro
 the input (pixels at least 2 px from the object), from the renderer's true mask (the samples
 carry their scene seed).
 
-    python benchmarks/demo_edits.py outputs
+    python benchmarks/demo_edits.py outputs [--figure docs/demo.png]
+
+`--figure` also writes the README's picture: per sample, input | reconstruction | edit, and its
+attention.png heat maps under them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,33 @@ def score(out: str) -> list[dict]:
     return rows
 
 
+def figure(out: str, path: str, cell: int = 128) -> None:
+    """Per sample: input | reconstruction | edits (nearest-upscaled to `cell`), then its heat maps."""
+    rows = []
+    with open(DEFAULT_MANIFEST) as f:
+        names = [os.path.splitext(json.loads(line)["image"])[0] for line in f if line.strip()]
+    for name in names:
+        folder = os.path.join(out, name)
+        files = ["input.png", "reconstruction.png"] + [e["file"] for e in json.load(open(os.path.join(folder, "metrics.json")))["edits"]]
+        tiles = [np.asarray(Image.open(os.path.join(folder, f)).convert("RGB").resize((cell, cell), Image.NEAREST)) for f in files]
+        rows.append(np.concatenate(tiles, axis=1))
+        att = os.path.join(folder, "attention.png")
+        if os.path.isfile(att):
+            rows.append(np.asarray(Image.open(att).convert("RGB")))
+    width = max(r.shape[1] for r in rows)
+    sheet = np.full((sum(r.shape[0] for r in rows) + 4 * len(rows), width, 3), 255, np.uint8)
+    y = 0
+    for r in rows:
+        sheet[y : y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0] + 4
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(sheet).save(path)
+
+
 if __name__ == "__main__":
-    for r in score(sys.argv[1] if len(sys.argv) > 1 else "outputs"):
+    args = sys.argv[1:]
+    out = args[0] if args and not args[0].startswith("--") else "outputs"
+    for r in score(out):
         print(json.dumps(r))
+    if "--figure" in args:
+        figure(out, args[args.index("--figure") + 1])

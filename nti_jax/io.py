@@ -121,8 +121,9 @@ def load_image(image: ImageLike, size: int, crop: Optional[Sequence[int]] = None
 
 
 def to_uint8(images) -> np.ndarray:
-    """Float images in [0, 1] -> uint8, rounding as PIL does."""
-    return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    """Float images in [0, 1] -> uint8, truncating as the authors' code does
+    (`(image * 255).astype(np.uint8)` in ptp_utils/the notebook), so saved files match theirs."""
+    return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")

@@ -406,7 +406,7 @@ def test_report_in_browser(out, results, page, tmp_path):
     t0 = time.time()
     got = check_in_browser(page, str(tmp_path / "profile"), shot, sort_keys=("psnr", "seconds", "name"))
     seconds = time.time() - t0
-    assert len(got["images"]) == 8, got["images"]  # 2 x (input, reconstruction, 1 edit) + 2 heat maps
+    assert len(got["images"]) == 9, got["images"]  # 2 x (input, reconstruction, 1 edit, attention.png) + 1 edit heat map
     assert got["broken"] == [] and got["errors"] == [], got
     assert got["requests"] and all(u.startswith(("file://", "data:")) for u in got["requests"]), got["requests"]
     assert got["orders"]["psnr"] == _expected_order(results, "psnr", "psnr")
@@ -476,6 +476,9 @@ def test_report_other_states(out, tmp_path):
     metrics = json.load(open(tmp_path / "b" / "metrics.json"))
     edit = metrics["edits"][0]["file"]
     os.remove(tmp_path / "b" / edit)
+    for f in os.listdir(tmp_path / "b"):  # heat maps are written only with the edits
+        if f.startswith("attention"):
+            os.remove(tmp_path / "b" / f)
     metrics.update(status="failed", error="edit 1 ('x') gave no finite image", edits=[])
     (tmp_path / "b" / "metrics.json").write_text(json.dumps(metrics))
     rows = [
