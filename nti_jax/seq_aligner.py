@@ -54,7 +54,7 @@ WordSpec = Word | Sequence[Word]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return [int(t) for t in tokenizer.encode(text, verbose=False)]  # no "sequence length" warning
+    return [int(t) for t in tokenizer.encode(text)]
 
 
 def _char_heuristic_spans(ids: list[int], words: list[str], tokenizer: Any) -> list[tuple[int, int]]:

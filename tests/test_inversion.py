@@ -1,5 +1,6 @@
 """Null-text inversion against the PyTorch reference (benchmarks/torch_reference.py) on tiny models."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -162,6 +163,7 @@ def test_second_invert_does_not_recompile_and_progress_reports(pipe, images):
     before = inversion.invert_program._cache_size()
     nti_jax.invert(pipe, images[1], "a blue square on a red background", num_steps=10, progress=seen.append, early_stop_epsilon=0.5)
     assert inversion.invert_program._cache_size() == before
+    jax.effects_barrier()  # debug callbacks run asynchronously: wait for all of them
     assert [int(i) for i in seen] == list(range(10)) * 2
 
 

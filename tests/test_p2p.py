@@ -125,8 +125,9 @@ def test_prompt_errors_name_the_problem(pipe, inv):
     with pytest.raises(PromptError, match="'star'"):
         nti_jax.edit(pipe, inv, ["a green circle on a blue background"],
                      controller=nti_jax.Replace(blend=nti_jax.LocalBlend([["star"], ["circle"]])))
-    with pytest.raises(PromptError, match="tokens"):
-        nti_jax.edit(pipe, inv, ["red " * 90])
+    with pytest.raises(PromptError, match="'star'.*past the model's 77-token limit"):  # a word only the cut part held
+        nti_jax.edit(pipe, inv, ["a green circle on a blue background" + " big" * 80 + " star"],
+                     controller=nti_jax.Refine(blend=nti_jax.LocalBlend([["circle"], ["star"]])))
     with pytest.raises(PromptError, match="non-empty"):
         nti_jax.edit(pipe, inv, [""])
 

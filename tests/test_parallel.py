@@ -38,6 +38,7 @@ def test_sharded_program_equals_invert(pipe, images):
     kw = dict(num_steps=5, num_inner_steps=3, early_stop_epsilon=1.0)
     ref = nti_jax.invert(pipe, images, PROMPTS, **kw)
     mesh = parallel.local_mesh(jax.local_devices()[:1])
+    parallel.sharded_program.cache_clear()  # programs are shared per process: count this test's own
     inverter = parallel.ShardedInverter(mesh)
     settings = nti_jax.InvertSettings(num_steps=5, num_inner_steps=3, early_stop_epsilon=1.0)
     pieces = inverter.invert(pipe, images, PROMPTS, settings)
