@@ -26,6 +26,7 @@ from .controllers import GUIDANCE
 from .manifest import PACKAGE_DIR, Item, UsageError, assign_names, check_items, collect_items
 from .pipeline import DTYPES, load_pipeline
 from .runs import RunLog, model_fingerprint, one_line
+from .inversion import REMAT_MODES
 from .schedule import inference_timesteps
 from .settings import METHODS, InvertSettings
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=_finite_float, metavar="W", help="classifier-free guidance scale (default %(default)s)")
     g.add_argument("--inner-steps", type=_nonnegative_int, metavar="N", help="null-text Adam steps per timestep at most (default %(default)s)")
     g.add_argument("--early-stop-eps", type=_finite_float, metavar="EPS", help="stop a timestep when loss < EPS + i*2e-5 (default %(default)s; negative: never)")
+    g.add_argument("--remat", choices=("auto",) + REMAT_MODES, default="auto", help="what the null-text gradient recomputes instead of keeping (same results); auto: the fastest that fits a device's free memory")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="UNet/text compute dtype (default %(default)s)")
     g = p.add_argument_group("devices, hosts and runs")
     g.add_argument("--batch-size", type=_positive_int, metavar="N", help="images per device per batch (default %(default)s; more uses an accelerator better)")
@@ -312,7 +314,7 @@ def _run(args, settings: InvertSettings, argv: list[str]) -> int:
         inference_timesteps(pipe.scheduler_config, settings.num_steps)
     except ValueError as e:
         raise UsageError(f"--steps: {e}") from None
-    cfg = RunConfig(settings, model, args.dtype, args.batch_size, args.force, args.step_progress, args.attention)
+    cfg = RunConfig(settings, model, args.dtype, args.batch_size, args.force, args.step_progress, args.attention, args.remat)
     log = RunLog(args.out, pid, nproc, force=args.force)
     barrier = parallel.FileBarrier(log.out, parallel.FileBarrier.new_token(), pid, nproc)
     driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log, model_fingerprint(model))

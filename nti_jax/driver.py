@@ -41,6 +41,7 @@ class RunConfig:
     force: bool = False
     step_progress: bool = False
     attention: bool = False  # a heat-map PNG per edit too (attention.png per image always)
+    remat: str = "auto"  # the null-text gradient's memory mode (inversion.REMAT_MODES or auto)
 
 
 class StepProgress:
@@ -163,7 +164,7 @@ class Driver:
         try:
             with warnings.catch_warnings():  # long prompts: recorded per image by `prepare`
                 warnings.simplefilter("ignore", PromptTruncatedWarning)
-                invs = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress)
+                invs = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress, remat=self.cfg.remat)
             recon = self.inverter.reconstruct(self.pipe, invs)
             jax.block_until_ready(recon)
         except KeyboardInterrupt:

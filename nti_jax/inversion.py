@@ -11,11 +11,14 @@ and its own Adam state, so results equal one-at-a-time runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -24,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from .errors import NtiError, PromptError
 from .io import ImageLike, atomic_path, load_image
+from .models.unet import REMAT_MODES
 from .pipeline import Pipeline
 from .sampling import Denoiser, model_schedule
 from .schedule import Schedule, denoise_step, invert_step
@@ -32,6 +36,9 @@ from .settings import METHODS, InvertSettings
 FORMAT_VERSION = "1"
 BATCHED_FIELDS = ("x_T", "pivots", "null_embeddings", "cond_embeddings", "inner_iterations", "final_losses", "nonfinite")
 Progress = Optional[Callable[[jax.Array], None]]
+# `choose_remat`: a mode fits when this many times its gradient residuals fit in free memory (the
+# rest of the program's temporaries: the backward pass's own buffers, XLA's scheduling slack).
+REMAT_HEADROOM = 2.0
 
 
 @struct.dataclass
@@ -187,10 +194,13 @@ def _take_rows(take: jax.Array, new_state, old_state):
     return (adam,) + tuple(rest)
 
 
-def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: InvertInputs, progress: Progress, carry, i):
+def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: InvertInputs, progress: Progress, carry, i,
+                   *, remat: str = "none"):
     """One timestep i of the paper's optimisation: Adam on phi until the early stop, then advance
-    z_bar with the optimised phi. carry = (z_bar (B,h,w,C), phi (B,L,D))."""
+    z_bar with the optimised phi. carry = (z_bar (B,h,w,C), phi (B,L,D)). `remat` (REMAT_MODES)
+    is what the inner-loop gradient recomputes instead of keeping; it does not change results."""
     z, phi = carry
+    grad_model = with_remat(model, remat)
     n = sched.timesteps.shape[0]
     t, a_t, a_prev = sched.timesteps[i], sched.alpha_t[i], sched.alpha_prev[i]
     target = pivots[:, n - 1 - i]
@@ -200,7 +210,7 @@ def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: 
     opt = optax.adam(1e-2 * (1.0 - i.astype(jnp.float32) / 100.0))
 
     def losses(p):
-        eps_u = model.eps(z, t, a_t, p)
+        eps_u = grad_model.eps(z, t, a_t, p)
         pred = denoise_step(eps_u + guidance * (eps_c - eps_u), z, a_t, a_prev)
         per_image = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
         return per_image.sum(), per_image
@@ -226,34 +236,113 @@ def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: 
         jnp.zeros((b,), jnp.int32),
     )
     out = jax.lax.while_loop(lambda c: (c.j < inputs.num_inner_steps) & jnp.any(c.active), body, init)
-    z = denoise_step(model.cfg_eps(z, t, a_t, inputs.cond, out.phi, guidance), z, a_t, a_prev)
+    # Advance with the optimised phi: only the unconditional half is new (eps_c is computed above).
+    eps_u = model.eps(z, t, a_t, out.phi)
+    z = denoise_step(eps_u + guidance * (eps_c - eps_u), z, a_t, a_prev)
     bad = out.bad | ~jnp.all(jnp.isfinite(z), axis=(1, 2, 3))
     if progress is not None:
         jax.debug.callback(progress, i)
     return (z, out.phi), (out.phi, out.iters, out.loss, bad)
 
 
-def null_text_optimisation(model: Denoiser, pivots: jax.Array, inputs: InvertInputs, progress: Progress = None):
+def null_text_optimisation(model: Denoiser, pivots: jax.Array, inputs: InvertInputs, progress: Progress = None, *,
+                           remat: str = "none"):
     """The paper's per-timestep optimisation of phi: (phi (B,T,L,D), iters, losses, nonfinite), each (B,T,...)."""
     n = inputs.sched.timesteps.shape[0]
-    step = partial(null_text_step, model, inputs.sched, pivots, inputs, progress)
+    step = partial(null_text_step, model, inputs.sched, pivots, inputs, progress, remat=remat)
     _, outs = jax.lax.scan(step, (pivots[:, n], inputs.null), jnp.arange(n))
     return tuple(jnp.moveaxis(a, 0, 1) for a in outs)
 
 
-def invert_core(model: Denoiser, inputs: InvertInputs, *, method: str, progress: Progress = None) -> InvertOutputs:
-    """The whole inversion of a batch, unjitted (`invert_program` jits it; parallel.py shards it)."""
+def invert_core(model: Denoiser, inputs: InvertInputs, *, method: str, progress: Progress = None, remat: str = "none") -> InvertOutputs:
+    """The whole inversion of a batch, unjitted (`invert_program` jits it; parallel.py shards it).
+    `remat`: one of REMAT_MODES ("auto" is resolved before, by `choose_remat`)."""
     pivots = ddim_pivots(model, inputs.sched, inputs.z0, inputs.cond)
     b, n = inputs.z0.shape[0], inputs.sched.timesteps.shape[0]
     if method == "null-text":
-        return InvertOutputs(pivots, *null_text_optimisation(model, pivots, inputs, progress))
+        return InvertOutputs(pivots, *null_text_optimisation(model, pivots, inputs, progress, remat=remat))
     source = inputs.cond if method == "negative-prompt" else inputs.null
     phi = jnp.broadcast_to(source[:, None], (b, n) + source.shape[1:])
     bad = jnp.broadcast_to(~jnp.all(jnp.isfinite(pivots), axis=(2, 3, 4))[:, 1:], (b, n))
     return InvertOutputs(pivots, phi, jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.float32), bad)
 
 
-invert_program = jax.jit(invert_core, static_argnames=("method", "progress"))
+invert_program = jax.jit(invert_core, static_argnames=("method", "progress", "remat"))
+
+
+def with_remat(model: Denoiser, remat: str) -> Denoiser:
+    """`model` whose gradients recompute what `remat` (REMAT_MODES) says; the same results."""
+    return model if remat == "none" else model.replace(module=model.module.clone(remat=remat))
+
+
+@functools.lru_cache(maxsize=64)
+def _residual_bytes(model: Denoiser, z: jax.ShapeDtypeStruct, context: jax.ShapeDtypeStruct, remat: str) -> int:
+    grad_model = with_remat(model, remat)
+
+    def vjp(params, z, phi):
+        f = lambda p: grad_model.replace(params=params).eps(z, jnp.int32(500), jnp.float32(0.5), p)
+        return jax.vjp(f, phi)[1]
+
+    jaxpr = jax.make_jaxpr(vjp)(model.params.tree, z, context).jaxpr
+    inputs = set(jaxpr.invars)
+    kept = {v for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var) and v not in inputs}
+    return sum(v.aval.size * np.dtype(v.aval.dtype).itemsize for v in kept)
+
+
+def gradient_residual_bytes(model: Denoiser, batch: int, latent: Sequence[int], context: Sequence[int], remat: str = "none") -> int:
+    """Bytes autodiff keeps between the forward and backward pass of one inner-loop gradient
+    (w.r.t. phi) for `batch` images of latents (h, w, C) and contexts (L, D), in the program's own
+    dtypes: the residuals of `jax.vjp` that are not its inputs (parameters aside). Traced
+    abstractly (nothing runs); the same figure on every backend."""
+    spec = jax.ShapeDtypeStruct
+    params = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), model.params)
+    key = model.replace(params=_Hashable(params))
+    return _residual_bytes(key, spec((batch, *latent), jnp.float32), spec((batch, *context), jnp.float32), remat)
+
+
+class _Hashable:
+    """A pytree of ShapeDtypeStructs that hashes by its structure (the residual cache's key)."""
+
+    def __init__(self, tree):
+        self.tree, self.key = tree, str(jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), tree))
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Hashable) and self.key == other.key
+
+
+def available_bytes(device=None) -> int:
+    """Free memory of `device` (default: the first local one): its allocator's limit less what is
+    in use, or the host's available RAM for a CPU."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_remat(model: Denoiser, batch: int, latent: Sequence[int], context: Sequence[int], available: Optional[int] = None) -> str:
+    """The first of REMAT_MODES ("none" is fastest) whose inner-loop gradient fits: REMAT_HEADROOM
+    x its residual bytes within `available` bytes (default `available_bytes()`)."""
+    available = available_bytes() if available is None else available
+    for mode in REMAT_MODES:
+        if REMAT_HEADROOM * gradient_residual_bytes(model, batch, latent, context, mode) <= available:
+            return mode
+    return REMAT_MODES[-1]
+
+
+def resolve_remat(remat: str, model: Denoiser, inputs: InvertInputs, method: str = "null-text") -> str:
+    """`remat` checked; "auto" replaced by `choose_remat` for this batch ("none" for the methods
+    that take no gradient)."""
+    if remat != "auto" and remat not in REMAT_MODES:
+        raise ValueError(f"remat must be auto or one of {', '.join(REMAT_MODES)}, got {remat!r}")
+    if method != "null-text":
+        return "none"
+    if remat == "auto":
+        return choose_remat(model, inputs.z0.shape[0], inputs.z0.shape[1:], inputs.cond.shape[1:])
+    return remat
 
 
 def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings) -> InvertInputs:
@@ -308,6 +397,7 @@ def invert(
     *,
     crop: Optional[Sequence[int]] = None,
     progress: Progress = None,
+    remat: str = "auto",
     **overrides: Any,
 ) -> Inversion:
     """Invert one image or a batch (each with its own prompt) into an `Inversion`.
@@ -317,6 +407,9 @@ def invert(
     bottom) pixels trimmed first. Settings: an `InvertSettings` and/or its fields as keywords
     (`method`, `num_steps`, `guidance_scale`, `num_inner_steps`, `early_stop_epsilon`; see
     `InvertSettings`). `progress(i)` is called from the device after each null-text step.
+    `remat`: what the null-text gradient recomputes instead of keeping ("none", "blocks", "full",
+    see `models.unet.REMAT_MODES`), or "auto" (`choose_remat`: the fastest that fits the device's
+    free memory at this batch). It changes memory and time, not the result.
     """
     if settings is None or overrides:
         settings = dataclasses.replace(settings or InvertSettings(), **overrides)
@@ -328,8 +421,10 @@ def invert(
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     pixels = [load_image(im, pipe.image_size, crop) for im in images]
     inputs = prepare_inputs(pipe, pixels, prompts, settings)
-    out = invert_program(Denoiser.of(pipe), inputs, method=settings.method, progress=progress)
+    model = Denoiser.of(pipe)
+    remat = resolve_remat(remat, model, inputs, settings.method)
+    out = invert_program(model, inputs, method=settings.method, progress=progress, remat=remat)
     return assemble(pipe, settings, prompts, inputs.cond, inputs.sched.timesteps, out)
 
 
-__all__ = ["METHODS", "Inversion", "InvertInputs", "InvertOutputs", "InvertSettings", "invert", "invert_core", "invert_program"]
+__all__ = ["METHODS", "REMAT_MODES", "Inversion", "InvertInputs", "InvertOutputs", "InvertSettings", "invert", "invert_core", "invert_program", "choose_remat", "gradient_residual_bytes"]

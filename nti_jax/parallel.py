@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .inversion import BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, assemble, invert_core, prepare_inputs
+from .inversion import BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, assemble, invert_core, prepare_inputs, resolve_remat
 from .pipeline import Pipeline
 from .sampling import Denoiser, reconstruct
 from .settings import InvertSettings
@@ -161,11 +161,11 @@ def local_mesh(devices: Optional[Sequence] = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=32)
-def sharded_program(mesh: Mesh, method: str, progress: Optional[Callable]):
+def sharded_program(mesh: Mesh, method: str, progress: Optional[Callable], remat: str = "none"):
     """`invert_core(model, inputs)` in `jax.shard_map` over `mesh`, jitted; one per (mesh, static
     settings), shared by every `ShardedInverter` so a program is traced and compiled once per
     process. The model is replicated; `inputs` split as `InvertInputs.specs` says."""
-    core = functools.partial(invert_core, method=method, progress=progress)
+    core = functools.partial(invert_core, method=method, progress=progress, remat=remat)
     return jax.jit(
         jax.shard_map(
             core,
@@ -252,10 +252,12 @@ class ShardedInverter:
 
     def invert(
         self, pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings,
-        progress: Optional[Callable] = None,
+        progress: Optional[Callable] = None, *, remat: str = "auto",
     ) -> list[Inversion]:
         """Invert uint8 square images (at the model's size) with their prompts: one `Inversion`
-        (B = 1) per image, each on the device that inverted it."""
+        (B = 1) per image, each on the device that inverted it. `remat`: what the null-text
+        gradient recomputes instead of keeping (`inversion.REMAT_MODES`; "auto" picks by the free
+        memory of a device for its share of the batch); results do not depend on it."""
         if len(images) != len(prompts) or not images:
             raise ValueError(f"{len(images)} images and {len(prompts)} prompts")
         model, replicas = self._setup(pipe)
@@ -263,7 +265,9 @@ class ShardedInverter:
         rows = pad_rows(len(images), per * self.num_devices)
         padded = [prompts[r] for r in rows]
         inputs = self._prepare(replicas, [images[r] for r in rows], padded, settings)
-        key = (settings.method, progress)
+        local = jax.ShapeDtypeStruct((per,) + inputs.z0.shape[1:], inputs.z0.dtype)
+        rows_spec = inputs._replace(z0=local, cond=jax.ShapeDtypeStruct((per,) + inputs.cond.shape[1:], inputs.cond.dtype))
+        key = (settings.method, progress, resolve_remat(remat, model, rows_spec, settings.method))
         if key not in self._programs:
             self._programs[key] = sharded_program(self.mesh, *key)
         out = self._programs[key](model, inputs)

@@ -61,7 +61,9 @@ def _predict_noise(unet: UNet2DConditionModel, params, latents, timesteps, conte
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pipeline:
-    """Stable Diffusion for inversion and editing. Arrays are NHWC; params are float32 masters."""
+    """Stable Diffusion for inversion and editing. Arrays are NHWC. Params are float32, except
+    that a bfloat16/float16 UNet and text encoder keep their weight matrices in that dtype
+    (`storage_dtypes`)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -161,15 +163,15 @@ def resolve_model(model: str) -> str:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise ModelError(f"{model} is not a folder and huggingface_hub is not installed") from None
-    errors = []
     for local_only in (False, True):
         try:
             return snapshot_download(model, allow_patterns=_COMPONENT_FILES, local_files_only=local_only)
-        except Exception as e:  # network, auth, not cached: all end in one message
-            errors.append(type(e).__name__)
+        except Exception:  # network, auth, not cached: all end in one message
+            pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     raise ModelError(
-        f"model {model!r} is not a local folder, could not be downloaded and is not in the Hugging Face "
-        f"cache ({', '.join(errors)}); on a machine with internet run `hf download {model}` or pass a "
+        f"model {model!r} is not a local folder, could not be downloaded ({'HF_HUB_OFFLINE is set' if offline else 'no network, or no such model'}) "
+        f"and is not in the Hugging Face cache; on a machine with internet run `hf download {model}` or pass a "
         "local diffusers folder with --model"
     )
 
@@ -213,8 +215,26 @@ def init_params(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextMo
 
 
 
+def storage_dtypes(params: Any, dtype: str) -> Any:
+    """`params` (arrays or ShapeDtypeStructs) as stored for compute in `dtype`: for bfloat16/float16,
+    every leaf of two or more dimensions (kernels, embeddings: what each layer casts to `dtype`
+    before use) in `dtype`, so the results are the same bits at half the memory; vectors (biases,
+    norm scales) stay float32. For float32, unchanged."""
+    if dtype == "float32":
+        return params
+    dt = DTYPES[dtype]
+
+    def cast(a):
+        if a.ndim < 2 or a.dtype != jnp.float32:
+            return a
+        return jax.ShapeDtypeStruct(a.shape, dt) if isinstance(a, jax.ShapeDtypeStruct) else a.astype(dt)
+
+    return jax.tree_util.tree_map(cast, params)
+
+
 def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = False) -> Pipeline:
-    """Load a diffusers-format SD 1.x/2.x folder or hub id. `dtype` is the UNet/text compute dtype.
+    """Load a diffusers-format SD 1.x/2.x folder or hub id. `dtype` is the UNet/text compute dtype
+    (their weight matrices are stored in it too, see `storage_dtypes`).
 
     Every file is checked before it is used (configs, safetensors headers, the tokenizer): a
     missing or damaged one is a one-line ModelError naming it. Weights are memory-mapped and
@@ -229,8 +249,9 @@ def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = Fa
     tokenizer = load_tokenizer(sub("tokenizer"))
     unet, vae, text = build_modules(configs["unet"], configs["vae"], configs["text_encoder"], dtype)
     templates = param_shapes(unet, vae, text)
+    stored = lambda k: dtype if k != "vae" else "float32"  # the VAE computes in float32
     params = {
-        k: jax.tree_util.tree_map(jnp.asarray, from_torch_layout(states.pop(k), templates[k], what=k))
+        k: jax.tree_util.tree_map(jnp.asarray, storage_dtypes(from_torch_layout(states.pop(k), templates[k], what=k), stored(k)))
         for k in WEIGHT_FILES
     }
     return Pipeline(unet, vae, text, params, tokenizer, sched, name=model)

@@ -513,8 +513,7 @@ def _damage(kind: str, model: str, tmp_path) -> str:
         ("corrupt-weights", "diffusion_pytorch_model.safetensors"),
         ("wrong-shapes", "shape"),
         ("pickles-only", "allow_pickle"),
-        pytest.param("hub-id-offline", "nobody-here/no-such-model", marks=pytest.mark.xfail(
-            strict=True, reason="pipeline.resolve_model lists the hub's exception class names (LocalEntryNotFoundError)")),
+        ("hub-id-offline", "nobody-here/no-such-model"),
         ("file-not-folder", "is a file, not a diffusers folder"),
     ],
 )

@@ -1,18 +1,28 @@
 """The one attention function of the models.
 
-Two paths: the fused `jax.nn.dot_product_attention` (cuDNN flash attention on GPU) when nothing
-needs the probabilities, and an explicit softmax whose probabilities a caller's hook may read or
-replace (Prompt-to-Prompt). The hook receives the probabilities (B, heads, Lq, Lk) in float32 and
-the layer's `AttentionPlace`, and returns probabilities of the same shape.
+Two paths: `jax.nn.dot_product_attention` when nothing needs the probabilities, and an explicit
+softmax whose probabilities a caller's hook may read or replace (Prompt-to-Prompt). The hook
+receives the probabilities (B, heads, Lq, Lk) in float32 and the layer's `AttentionPlace`, and
+returns probabilities of the same shape.
+
+On the first path nothing of size Lq x Lk outlives the layer: on GPU in bfloat16/float16 it is
+cuDNN's flash attention; elsewhere XLA's attention under `jax.checkpoint`, so a gradient keeps
+q, k, v and recomputes the probabilities (a 64x64 self-attention of SD 1.5 would otherwise keep
+two float32 copies of its 8 x 4096 x 4096 probabilities, 1 GiB per image per layer), one chunk
+of queries at a time (XLA would otherwise hold ~1.5 GiB of logits, probabilities and their
+gradients per image while it runs one such layer).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from .resnet import tag
 
 
 class AttentionPlace(NamedTuple):
@@ -25,6 +35,9 @@ class AttentionPlace(NamedTuple):
 
 
 AttentionHook = Callable[[jax.Array, AttentionPlace], jax.Array]
+# The most logits one step of the XLA path computes: B x heads x queries x keys elements (128 MiB
+# in float32); SD 1.5 at 512 px runs its 64x64 layers in 4 chunks of queries per image.
+ATTENTION_BLOCK = 2**25
 
 
 def attend(
@@ -42,12 +55,45 @@ def attend(
     q, k, v = split(q), split(k), split(v)
     scale = d**-0.5
     if hook is None:
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        out = fused_attention(q, k, v, scale)
     else:
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
         probs = hook(jax.nn.softmax(logits, axis=-1), place)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     return out.reshape(b, lq, inner)
+
+
+def _cudnn_ok(q: jax.Array) -> bool:
+    """cuDNN flash attention: GPU, half precision, head size a multiple of 8 up to 128."""
+    d = q.shape[-1]
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
+
+
+@partial(jax.checkpoint, static_argnums=(3,))
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """XLA's attention over chunks of queries with at most ATTENTION_BLOCK logits each (each chunk
+    checkpointed too): the same values, forward bit for bit, with one chunk's probabilities alive."""
+    b, lq, h, d = q.shape
+    attend_all = lambda q: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    chunk = lq
+    while b * h * chunk * k.shape[1] > ATTENTION_BLOCK and chunk % 2 == 0 and chunk > 64:
+        chunk //= 2
+    if chunk == lq:
+        return attend_all(q)
+    chunks = jnp.moveaxis(q.reshape(b, lq // chunk, chunk, h, d), 1, 0)  # (n, B, chunk, heads, d)
+    out = jax.lax.map(jax.checkpoint(attend_all), chunks)
+    return jnp.moveaxis(out, 0, 1).reshape(b, lq, h, d)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Attention of (B, Lq, heads, d) queries over (B, Lk, heads, d) keys/values, (B, Lq, heads, d),
+    keeping no Lq x Lk array for the backward pass (see the module docstring)."""
+    if _cudnn_ok(q):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (NotImplementedError, RuntimeError, ValueError, TypeError):
+            pass  # an older cuDNN or an unsupported shape: XLA's attention below
+    return _xla_attention(q, k, v, scale)
 
 
 class Attention(nn.Module):
@@ -62,7 +108,7 @@ class Attention(nn.Module):
     def __call__(self, x, context=None, hook=None, place=None):
         context = x if context is None else context
         inner = self.heads * self.dim_head
-        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
+        dense = lambda n, name, bias: lambda y: tag(nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)(y))
         q = dense(inner, "to_q", self.qkv_bias)(x)
         k = dense(inner, "to_k", self.qkv_bias)(context)
         v = dense(inner, "to_v", self.qkv_bias)(context)

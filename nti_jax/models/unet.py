@@ -15,7 +15,25 @@ import jax
 import jax.numpy as jnp
 
 from .attention import Attention, AttentionHook, AttentionPlace
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
+from .resnet import MATMUL, Downsample2D, ResnetBlock2D, Upsample2D, conv, tag
+
+# Rematerialisation of the UNet's blocks (each ResnetBlock2D and Transformer2D) in a gradient:
+# "none" keeps every intermediate autodiff needs; "blocks" keeps only the outputs of the
+# convolutions and dense layers inside a block and recomputes the norms and activations;
+# "full" keeps only each block's inputs and recomputes the whole block. Results are equal
+# within float rounding (the same operations, run again).
+REMAT_MODES = ("none", "blocks", "full")
+
+
+def remat_block(cls: type, mode: str, static_argnums: tuple = ()) -> type:
+    """`cls` under `nn.remat` with the policy of `mode` ("none": `cls` itself)."""
+    if mode == "none":
+        return cls
+    if mode not in REMAT_MODES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_MODES)}, got {mode!r}")
+    policies = jax.checkpoint_policies
+    policy = policies.save_only_these_names(MATMUL) if mode == "blocks" else policies.nothing_saveable
+    return nn.remat(cls, policy=policy, static_argnums=static_argnums)
 
 
 def _per_block(value: Any, n: int) -> tuple:
@@ -131,10 +149,10 @@ class BasicTransformerBlock(nn.Module):
         attn = lambda name: Attention(self.heads, d, dtype=self.dtype, name=name)
         x = x + attn("attn1")(ln("norm1")(x), None, hook, place("self"))
         x = x + attn("attn2")(ln("norm2")(x), context, hook, place("cross"))
-        h = nn.Dense(self.dim * 8, dtype=self.dtype, name="ff.net.0.proj")(ln("norm3")(x))
+        h = tag(nn.Dense(self.dim * 8, dtype=self.dtype, name="ff.net.0.proj")(ln("norm3")(x)))
         h, gate = jnp.split(h, 2, axis=-1)
         h = h * nn.gelu(gate, approximate=False)
-        return x + nn.Dense(self.dim, dtype=self.dtype, name="ff.net.2")(h)
+        return x + tag(nn.Dense(self.dim, dtype=self.dtype, name="ff.net.2")(h))
 
 
 class Transformer2D(nn.Module):
@@ -152,7 +170,7 @@ class Transformer2D(nn.Module):
         b, h, w, c = x.shape
         y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         if self.use_linear:
-            y = nn.Dense(c, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
+            y = tag(nn.Dense(c, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c)))
         else:
             y = conv(c, 1, "proj_in", self.dtype)(y).reshape(b, h * w, c)
         for i in range(self.depth):
@@ -160,17 +178,21 @@ class Transformer2D(nn.Module):
                 c, self.heads, self.block, self.dtype, name=f"transformer_blocks.{i}"
             )(y, context, (h, w), hook)
         if self.use_linear:
-            y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
+            y = tag(nn.Dense(c, dtype=self.dtype, name="proj_out")(y)).reshape(b, h, w, c)
         else:
             y = conv(c, 1, "proj_out", self.dtype)(y.reshape(b, h, w, c))
         return y + x
 
 
 class UNet2DConditionModel(nn.Module):
-    """eps (or v) = unet(latents NHWC, timesteps (B,), text context (B, L, D), hook)."""
+    """eps (or v) = unet(latents NHWC, timesteps (B,), text context (B, L, D), hook).
+
+    `remat` (one of REMAT_MODES) changes what a gradient through the UNet keeps, not its result.
+    """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -181,8 +203,9 @@ class UNet2DConditionModel(nn.Module):
         hook: Optional[AttentionHook] = None,
     ) -> jax.Array:
         cfg, dt = self.config, self.dtype
-        res = lambda ch, name: ResnetBlock2D(ch, cfg.norm_num_groups, cfg.norm_eps, dt, name=name)
-        xf = lambda i, block, name: Transformer2D(
+        resnet, transformer = remat_block(ResnetBlock2D, self.remat), remat_block(Transformer2D, self.remat, (3,))
+        res = lambda ch, name: resnet(ch, cfg.norm_num_groups, cfg.norm_eps, dt, name=name)
+        xf = lambda i, block, name: transformer(
             cfg.heads[i],
             cfg.transformer_layers_per_block[i],
             cfg.norm_num_groups,
