@@ -22,14 +22,13 @@ import time
 import zlib
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import nti_jax
 import nti_jax.io
-from nti_jax import cli, manifest, p2p, parallel, runs, testing
+from nti_jax import cli, manifest, p2p, runs, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,27 +38,8 @@ CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Warning|Interrupt)\b"
 CAPTION = "a blue square on a purple background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """One persistent compilation cache for this module (in-process runs and subprocesses),
-    put back as it was afterwards."""
-    path = str(tmp_path_factory.mktemp("jax-cache"))
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache, os.environ.get("NTI_JAX_CACHE_DIR"))
-    os.environ["NTI_JAX_CACHE_DIR"] = path
-    yield path
-    parallel.enable_compilation_cache(None)
-    jax.config.update("jax_enable_compilation_cache", before[1])
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    if before[2] is None:
-        os.environ.pop("NTI_JAX_CACHE_DIR", None)
-    else:
-        os.environ["NTI_JAX_CACHE_DIR"] = before[2]
-
-
-@pytest.fixture(autouse=True)
-def _no_distributed_env(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        monkeypatch.delenv(var, raising=False)
+# Module-wide: a compilation cache in a temporary folder, no jax.distributed variables (conftest.py).
+pytestmark = pytest.mark.usefixtures("cache_dir", "no_distributed_env")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import torch
 
 import nti_jax
 from nti_jax import inversion, testing
-from nti_jax.models import UNet2DConditionModel, UNetConfig
 from nti_jax.models.unet import REMAT_MODES
 from nti_jax.sampling import Denoiser
 from nti_jax.testing import rel_err

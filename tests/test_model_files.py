@@ -5,7 +5,6 @@ every mutated file both must reject, or both accept with identical tensors.
 """
 
 import json
-import logging
 import os
 import shutil
 import struct

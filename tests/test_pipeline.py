@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -76,7 +77,10 @@ def test_second_call_does_not_recompile(pipe):
 def test_bfloat16_pipeline_close_to_float32(sd1_folder, pipe):
     bf = nti_jax.load_pipeline(sd1_folder, dtype="bfloat16")
     assert bf.dtype == "bfloat16"
-    assert bf.params["unet"]["conv_in"]["kernel"].dtype == np.float32  # float32 masters kept
+    # weight matrices stored in the compute dtype (issue 13); vectors and the VAE stay float32
+    assert bf.params["unet"]["conv_in"]["kernel"].dtype == jnp.bfloat16
+    assert bf.params["unet"]["conv_in"]["bias"].dtype == np.float32
+    assert bf.params["vae"]["decoder"]["conv_in"]["kernel"].dtype == np.float32
     rng = np.random.default_rng(2)
     x, ctx = rng.standard_normal((1, 16, 16, 4)), rng.standard_normal((1, 77, 32))
     assert rel_err(bf.predict_noise(x, 300, ctx), pipe.predict_noise(x, 300, ctx)) <= 3e-2
