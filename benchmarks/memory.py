@@ -282,6 +282,24 @@ def quality(n: int, batch: int) -> dict:
     return out
 
 
+def batch_effect(rows: int = 10) -> dict:
+    """How much the toy UNet's eps for the same rows changes between a call of `rows` rows and one
+    of 2 x `rows` ([uncond; cond], as a one-call CFG step makes), per dtype: max and mean abs."""
+    import nti_jax
+
+    folder = os.path.join(os.path.dirname(nti_jax.__file__), "toy", "model")
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        pipe = nti_jax.load_pipeline(folder, dtype=dtype)
+        model, s = Denoiser.of(pipe), pipe.unet.config
+        x = jax.random.normal(jax.random.PRNGKey(0), (rows, s.sample_size, s.sample_size, s.in_channels))
+        uncond, cond = pipe.encode_prompt([""] * rows), pipe.encode_prompt(["a red circle on a blue background"] * rows)
+        eps = jax.jit(lambda x, c: model.eps(x, jnp.int32(500), jnp.float32(0.5), c))
+        diff = jnp.abs(eps(x, uncond) - eps(jnp.concatenate([x, x]), jnp.concatenate([uncond, cond]))[:rows])
+        out[dtype] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "rows": rows}
+    return out
+
+
 def remat_times(channels, sample: int, steps: int, inner: int, repeats: int) -> dict:
     """Seconds of null-text steps x inner (no early stop), per remat mode, on a random SD-layout
     UNet (`channels` per level, `sample` x `sample` latents), modes alternating, medians."""
@@ -423,6 +441,7 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, default=4)
     r.add_argument("--inner", type=int, default=10)
     r.add_argument("--repeats", type=int, default=3)
+    sub.add_parser("batch-effect", help="bf16 and float32 eps of the same rows in calls of B and 2B rows (toy model)")
     t = sub.add_parser("table")
     t.add_argument("json")
     a = p.parse_args(argv)
@@ -449,6 +468,8 @@ def main(argv=None) -> int:
             json.dump({"model": a.model, "steps": a.steps, "inner": a.inner, "jax": jax.__version__, "rows": rows}, open(a.json, "w"), indent=1)
     elif a.cmd == "remat-time":
         print(json.dumps(remat_times(a.channels, a.sample, a.steps, a.inner, a.repeats), indent=1))
+    elif a.cmd == "batch-effect":
+        print(json.dumps(batch_effect(), indent=1))
     elif a.cmd == "quality":
         print(json.dumps(quality(a.n, a.batch), indent=1))
     else:

@@ -214,11 +214,13 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=",".join(EDIT_METHODS), help="inversion methods of the edit table")
     ap.add_argument("--guidances", default=",".join(GUIDANCES), help="edit guidances of the edit table")
     ap.add_argument("--sections", default="captions,inversion,edits,identities", help="comma-separated")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="UNet/text compute dtype")
+    ap.add_argument("--threshold", type=float, default=None, help="LocalBlend threshold to use instead of calibrating one")
     ap.add_argument("--json", default=None, help="write all figures here")
     args = ap.parse_args(argv)
-    pipe = nti_jax.load_pipeline(args.model)
+    pipe = nti_jax.load_pipeline(args.model, dtype=args.dtype)
     sections = args.sections.split(",")
-    res = {"model": os.path.relpath(args.model), "n": args.n}
+    res = {"model": os.path.relpath(args.model), "n": args.n, "dtype": args.dtype}
     if "captions" in sections:
         res["captions"] = caption_following(pipe, args.n, args.batch)
         c = res["captions"]
@@ -236,10 +238,13 @@ def main(argv=None) -> None:
         print(f"null-text mean {inv['null-text']['gap_to_vae_mean']:.2f} dB below the VAE bound; ddim mean "
               f"{inv['ddim']['below_null_text_mean']:.2f} dB below null-text", flush=True)
     if "edits" in sections and args.edits:
-        res["blend_calibration"] = cal = calibrate_threshold(pipe, args.calibration)
-        print(f"\nLocalBlend threshold calibrated on {cal['n']} training scenes (direct inversion): {cal['threshold']}")
-        for th, t in cal["table"].items():
-            print(f"  threshold {th}: objects turned {t['object_is_target']:.0%}, background {t['background_psnr']:.2f} dB")
+        if args.threshold is None:
+            res["blend_calibration"] = cal = calibrate_threshold(pipe, args.calibration)
+            print(f"\nLocalBlend threshold calibrated on {cal['n']} training scenes (direct inversion): {cal['threshold']}")
+            for th, t in cal["table"].items():
+                print(f"  threshold {th}: objects turned {t['object_is_target']:.0%}, background {t['background_psnr']:.2f} dB")
+        else:
+            cal = {"threshold": args.threshold}
         res["edits"] = e = edit_table(pipe, args.edits, cal["threshold"], args.methods.split(","), args.guidances.split(","))
         print(f"\ncolour swap, {args.edits} held-out images, Replace(0.8, 0.4), LocalBlend on the swapped colour words, w = 7.5")
         print("| inversion, guidance, blend | object turned | background PSNR vs input (min / median / mean) | vs reconstruction row (mean) | PSNR vs true edit (mean) | colour change / true change (median) | s/edit |")

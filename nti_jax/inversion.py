@@ -29,7 +29,7 @@ from .errors import NtiError, PromptError
 from .io import ImageLike, atomic_path, load_image
 from .models.unet import REMAT_MODES
 from .pipeline import Pipeline
-from .sampling import Denoiser, model_schedule
+from .sampling import Denoiser, guide, model_schedule
 from .schedule import Schedule, denoise_step, invert_step
 from .settings import METHODS, InvertSettings
 
@@ -211,7 +211,7 @@ def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: 
 
     def losses(p):
         eps_u = grad_model.eps(z, t, a_t, p)
-        pred = denoise_step(eps_u + guidance * (eps_c - eps_u), z, a_t, a_prev)
+        pred = denoise_step(guide(eps_u, eps_c, guidance), z, a_t, a_prev)
         per_image = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
         return per_image.sum(), per_image
 
@@ -236,9 +236,9 @@ def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: 
         jnp.zeros((b,), jnp.int32),
     )
     out = jax.lax.while_loop(lambda c: (c.j < inputs.num_inner_steps) & jnp.any(c.active), body, init)
-    # Advance with the optimised phi: only the unconditional half is new (eps_c is computed above).
-    eps_u = model.eps(z, t, a_t, out.phi)
-    z = denoise_step(eps_u + guidance * (eps_c - eps_u), z, a_t, a_prev)
+    # Advance with the optimised phi: only the unconditional call is new (eps_c is computed above);
+    # `Denoiser.cfg_eps` makes the same two calls, so sampling replays this trajectory.
+    z = denoise_step(guide(model.eps(z, t, a_t, out.phi), eps_c, guidance), z, a_t, a_prev)
     bad = out.bad | ~jnp.all(jnp.isfinite(z), axis=(1, 2, 3))
     if progress is not None:
         jax.debug.callback(progress, i)

@@ -42,7 +42,7 @@ from .heatmaps import save_attention_grid, token_labels  # noqa: F401  (public h
 from .inversion import Inversion
 from .models import AttentionPlace
 from .pipeline import Pipeline
-from .sampling import Denoiser, inversion_schedule
+from .sampling import Denoiser, guide, inversion_schedule
 from .schedule import Schedule, denoise_step
 
 
@@ -314,7 +314,7 @@ def _edit_program(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: 
         if edit and static.prox:
             eps, pull = _proximal_step(static, arr, eps_u, eps_c, t, guidance)
         else:
-            eps, pull = eps_u + guidance * (eps_c - eps_u), None
+            eps, pull = guide(eps_u, eps_c, guidance), None
         x = denoise_step(eps, x, a_t, a_prev)
         if static.direct:  # PnP: the source row takes its offset before the pull and the blend
             x = x.at[0].set(pivot)

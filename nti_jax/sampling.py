@@ -42,14 +42,18 @@ class Denoiser:
         """The prediction as epsilon; `a` is the alpha of the latent's noise level (v conversion)."""
         return to_eps(self(x, t, context, hook), x, a, self.prediction_type)
 
-    def cfg_eps(self, x, t, a_t, cond, uncond, guidance, hook: Optional[AttentionHook] = None) -> jax.Array:
-        """Guided eps from ONE UNet call on [uncond rows; cond rows], as the original notebook does.
+    def cfg_eps(self, x, t, a_t, cond, uncond, guidance) -> jax.Array:
+        """Guided eps from two UNet calls of B rows, conditional then unconditional: the calls that
+        null-text's optimisation makes (`inversion.null_text_step`), so sampling with its phi
+        replays the trajectory it optimised. The original notebook's one call on [uncond; cond]
+        is the same in float32 but not in bf16, where a row's result depends on its call's batch
+        and guidance amplifies that over the steps (README, "bf16")."""
+        return guide(self.eps(x, t, a_t, uncond), self.eps(x, t, a_t, cond), guidance)
 
-        A hook sees probabilities for 2B rows: the first B unconditional, the last B conditional.
-        """
-        xx = jnp.concatenate([x, x])
-        eps_u, eps_c = jnp.split(self.eps(xx, t, a_t, jnp.concatenate([uncond, cond]), hook), 2)
-        return eps_u + guidance * (eps_c - eps_u)
+
+def guide(eps_u: jax.Array, eps_c: jax.Array, guidance: jax.Array) -> jax.Array:
+    """Classifier-free guidance: eps_u + w (eps_c - eps_u)."""
+    return eps_u + guidance * (eps_c - eps_u)
 
 
 def model_schedule(pipe: Pipeline, num_steps: int) -> Schedule:
