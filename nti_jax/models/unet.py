@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import Attention, AttentionHook, AttentionPlace
-from .resnet import MATMUL, Downsample2D, ResnetBlock2D, Upsample2D, conv, tag
+from .resnet import MATMUL, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, conv, tag
 
 # Rematerialisation of the UNet's blocks (each ResnetBlock2D and Transformer2D) in a gradient:
 # "none" keeps every intermediate autodiff needs; "blocks" keeps only the outputs of the
@@ -34,6 +34,13 @@ def remat_block(cls: type, mode: str, static_argnums: tuple = ()) -> type:
     policies = jax.checkpoint_policies
     policy = policies.save_only_these_names(MATMUL) if mode == "blocks" else policies.nothing_saveable
     return nn.remat(cls, policy=policy, static_argnums=static_argnums)
+
+
+def _output_head(unet: "UNet2DConditionModel", x: jax.Array) -> jax.Array:
+    """conv_out(silu(conv_norm_out(x))), its parameters the UNet's own."""
+    cfg, dt = unet.config, unet.dtype
+    x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out", parent=unet)(x)
+    return Conv2d(cfg.out_channels, 3, dtype=dt, name="conv_out", parent=unet)(nn.silu(x))
 
 
 def _per_block(value: Any, n: int) -> tuple:
@@ -257,6 +264,5 @@ class UNet2DConditionModel(nn.Module):
             if i < n - 1:
                 x = Upsample2D(ch, dtype=dt, name=f"up_blocks.{i}.upsamplers.0")(x)
 
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out")(x)
-        x = conv(cfg.out_channels, 3, "conv_out", dt)(nn.silu(x))
-        return x.astype(jnp.float32)
+        # The output head is rematerialised like a block: its GroupNorm keeps float32 copies.
+        return remat_block(_output_head, self.remat)(self, x).astype(jnp.float32)
