@@ -195,3 +195,27 @@ def test_attention_png_for_an_edit(pipe, inv, tmp_path):
     img = np.asarray(Image.open(path))
     n_src, n_tgt = len(p2p.token_labels(pipe, SRC)), len(p2p.token_labels(pipe, "a green circle on a blue background"))
     assert img.shape == (2 * (96 + 16), 96 * max(n_src, n_tgt), 3)
+
+
+def test_the_edit_hook_sees_only_layers_it_edits_or_stores(pipe, inv, monkeypatch):
+    """Self-attention above the replacement limit (latent/2 squared queries, the original's 32x32
+    at 512 px) runs fused, with no probabilities; every cross layer and small self layer is
+    offered to the hook, and attention_maps() is offered the stored cross layers only."""
+    from nti_jax.models import attention
+
+    seen, wants = {}, attention.hook_wants
+    record = lambda hook, place: wants(hook, place) if hook is None else seen.setdefault(place, wants(hook, place))
+    monkeypatch.setattr(attention, "hook_wants", record)
+    p2p._edit_program.clear_cache()
+    nti_jax.edit(pipe, inv, ["a green circle on a blue background"], controller=nti_jax.Replace())
+    latent = inv.x_T.shape[1]
+    limit = (latent // 2) ** 2
+    assert {p.size for p in seen if p.kind == "self"} >= {(latent, latent), (latent // 2, latent // 2)}
+    for place, offered in seen.items():
+        assert offered == (place.kind == "cross" or place.size[0] * place.size[1] <= limit), place
+    seen.clear()
+    p2p._edit_program.clear_cache()
+    nti_jax.attention_maps(pipe, inv)
+    smallest = min(p.size for p in seen if p.kind == "cross" and p.block == "down")
+    assert {p for p, offered in seen.items() if offered} == {
+        p for p in seen if p.kind == "cross" and p.size == smallest and p.block != "mid"}

@@ -3,7 +3,8 @@
 Two paths: `jax.nn.dot_product_attention` when nothing needs the probabilities, and an explicit
 softmax whose probabilities a caller's hook may read or replace (Prompt-to-Prompt). The hook
 receives the probabilities (B, heads, Lq, Lk) in float32 and the layer's `AttentionPlace`, and
-returns probabilities of the same shape.
+returns probabilities of the same shape; with a `wants(place)` attribute it sees only the layers
+it names, the others taking the first path.
 
 On the first path nothing of size Lq x Lk outlives the layer: on GPU in bfloat16/float16 it is
 cuDNN's flash attention; elsewhere XLA's attention under `jax.checkpoint`, so a gradient keeps
@@ -55,13 +56,19 @@ def attend(
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d)
     q, k, v = split(q), split(k), split(v)
     scale = d**-0.5
-    if hook is None:
+    if not hook_wants(hook, place):
         out = fused_attention(q, k, v, scale)
     else:
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
         probs = hook(jax.nn.softmax(logits, axis=-1), place)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     return out.reshape(b, lq, inner)
+
+
+def hook_wants(hook: Optional[AttentionHook], place: Optional[AttentionPlace]) -> bool:
+    """Whether `hook` sees the layer at `place`: every layer, unless the hook carries a
+    `wants(place)` predicate. A layer no hook wants runs the fused path, with no Lq x Lk array."""
+    return hook is not None and getattr(hook, "wants", lambda place: True)(place)
 
 
 def _cudnn_ok(q: jax.Array) -> bool:
