@@ -47,7 +47,7 @@ class Denoiser:
         null-text's optimisation makes (`inversion.null_text_step`), so sampling with its phi
         replays the trajectory it optimised. The original notebook's one call on [uncond; cond]
         is the same in float32 but not in bf16, where a row's result depends on its call's batch
-        and guidance amplifies that over the steps (README, "bf16")."""
+        and guidance amplifies that over the steps (README, "Inversion and sampling: departures")."""
         return guide(self.eps(x, t, a_t, uncond), self.eps(x, t, a_t, cond), guidance)
 
 

@@ -6,7 +6,8 @@ import jax
 import pytest
 import torch
 
-from nti_jax import parallel
+import nti_jax
+from nti_jax import parallel, testing
 
 # Tiny tensors on a 2-core machine: one intra-op thread is faster and steadier.
 torch.set_num_threads(1)
@@ -34,3 +35,15 @@ def no_distributed_env(monkeypatch):
     """No jax.distributed variables leak in from the environment."""
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny random SD 1.x diffusers folder (seed 3), one per module; modules with another model
+    define their own `folder` / `pipe`."""
+    return testing.make_tiny_sd(str(tmp_path_factory.mktemp("sd1")), "sd1", seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return nti_jax.load_pipeline(folder)

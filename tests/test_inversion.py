@@ -15,16 +15,6 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return testing.make_tiny_sd(str(tmp_path_factory.mktemp("sd1")), "sd1", seed=3)
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return nti_jax.load_pipeline(folder)
-
-
-@pytest.fixture(scope="module")
 def torch_unet(folder):
     from diffusers import UNet2DConditionModel
 

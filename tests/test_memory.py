@@ -14,23 +14,13 @@ import pytest
 import torch
 
 import nti_jax
-from nti_jax import inversion, testing
+from nti_jax import inversion
 from nti_jax.models.unet import REMAT_MODES
 from nti_jax.sampling import Denoiser
 from nti_jax.testing import rel_err
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PROMPT = "a red circle on a blue background"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return testing.make_tiny_sd(str(tmp_path_factory.mktemp("sd1")), "sd1", seed=3)
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return nti_jax.load_pipeline(folder)
 
 
 def test_context_gradient_matches_torch_autograd_in_every_remat_mode(folder, pipe):
