@@ -1,39 +1,33 @@
 #!/usr/bin/env bash
-# One-command device benchmark (issue 13), sized for ~10 minutes on one H200 with no network:
-# builds a random-weight SD 1.5 (512 px) in diffusers layout, times null-text 50 x 10 (no early
-# stop) at batch 1, 4 and 16 in bfloat16 and float32 with nti-jax (remat chosen automatically),
-# and the PyTorch reference at batch 1; JSON out.
+# The device benchmark (issue 19): benchmarks/device_bench.py's points, each in its own process
+# under a deadline, inside one budget sized for a 15-minute H200 lease (a cold start included).
 #
-#   benchmarks/device_bench.sh [OUT.json]        # on the device machine
-#   benchmarks/device_bench.sh --dry-run [OUT]    # tiny model, 2 x 2 steps, on any machine (CI)
+#   benchmarks/device_bench.sh [OUT.jsonl]           # on the device machine: random SD 1.5, 512 px
+#   benchmarks/device_bench.sh --dry-run [OUT]       # the tiny model, 2 x 2 steps, any machine (CI)
 #
-# It uses the machine's own python3 (PYTHON to override), which must have jax, flax, optax,
-# torch, transformers and safetensors; diffusers, if missing, is installed from a wheel carried
-# in the git-ignored .cache/device_bench/wheels/ (fill it here first with
-# `pip download diffusers --no-deps -d .cache/device_bench/wheels`) into .cache/device_bench/site.
+# Uses the machine's own python3 (PYTHON to override), which must have jax, flax and optax;
+# torch, transformers and diffusers only for the PyTorch reference (the last point). diffusers,
+# if missing, is installed from wheels carried in the git-ignored .cache/device_bench/wheels/
+# (fill it here first: `pip download diffusers importlib_metadata --no-deps -d .cache/device_bench/wheels`).
+# Environment: BUDGET_S (default 480) seconds for all points; POINTS, a comma-separated subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-DRY=0
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-OUT=${1:-device_bench.json}
+DRY=()
+if [ "${1:-}" = "--dry-run" ]; then DRY=(--dry-run --strict); shift; fi
+OUT=${1:-device_bench.jsonl}
 CACHE=.cache/device_bench
-export PYTHONPATH="$PWD:$CACHE/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$CACHE/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 
+"$PYTHON" -c "import jax, flax, optax" || { echo "device_bench: $PYTHON lacks jax, flax or optax" >&2; exit 2; }
 if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
-    wheel=$(ls "$CACHE"/wheels/diffusers-*.whl 2>/dev/null | head -1 || true)
-    if [ -z "$wheel" ]; then
-        echo "device_bench: diffusers is missing and no wheel is in $CACHE/wheels/" >&2
-        exit 2
+    wheels=$(ls "$CACHE"/wheels/*.whl 2>/dev/null || true)
+    if [ -n "$wheels" ]; then
+        "$PYTHON" -m pip install -q --no-deps --no-index --target "$CACHE/site" $wheels
+    else
+        echo "device_bench: no diffusers and no wheels in $CACHE/wheels/: the PyTorch reference point will fail" >&2
     fi
-    "$PYTHON" -m pip install -q --no-deps --no-index --target "$CACHE/site" "$wheel"
 fi
-"$PYTHON" -c "import jax, flax, optax, torch, transformers, safetensors, diffusers" || {
-    echo "device_bench: $PYTHON lacks one of jax, flax, optax, torch, transformers, safetensors" >&2; exit 2; }
-
-if [ "$DRY" = 1 ]; then
-    exec "$PYTHON" benchmarks/memory.py bench --model tiny --folder "$CACHE/tiny-sd" --dtypes float32,bfloat16 \
-        --batches 1 --steps 2 --inner 2 --json "$OUT"
-fi
-exec "$PYTHON" benchmarks/memory.py bench --model sd15 --folder "$CACHE/sd15-random" --dtypes bfloat16,float32 \
-    --batches 1,4,16 --steps 50 --inner 10 --json "$OUT"
+rm -f "$OUT"
+exec "$PYTHON" benchmarks/device_bench.py "${DRY[@]}" --out "$OUT" --budget "${BUDGET_S:-480}" --points "${POINTS:-}"

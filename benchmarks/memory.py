@@ -99,8 +99,9 @@ def lower_invert(model: Denoiser, batch: int, remat: str, steps: int = 50):
     return inversion.invert_program.lower(model, invert_inputs(model, batch, steps), method="null-text", **kw)
 
 
-def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50):
-    """The Prompt-to-Prompt program for one image and `rows` prompts (Replace + LocalBlend)."""
+def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool = False):
+    """The Prompt-to-Prompt program for one image and `rows` prompts (Replace + LocalBlend);
+    with `concrete`, also random arguments to call its compiled form with (device_bench.py)."""
     import nti_jax
     from nti_jax import p2p
     from nti_jax.pipeline import load_tokenizer
@@ -116,8 +117,18 @@ def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50):
     sched = Schedule(spec((steps,), jnp.int32), spec((steps,), f32), spec((steps,), f32))
     inputs = p2p.EditInputs(sched, spec((1, s, s, ch), f32), spec((rows, 77, d), f32), spec((steps, 77, d), f32),
                             spec((steps + 1, s, s, ch), f32), spec((), f32), spec((77, d), f32))
-    arr = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), arr)
-    return p2p._edit_program.lower(model, arr, inputs, static=static, edit=True)
+    arr_spec = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), arr)
+    lowered = p2p._edit_program.lower(model, arr_spec, inputs, static=static, edit=True)
+    if not concrete:
+        return lowered
+    from nti_jax import testing
+    from nti_jax.schedule import ddim_schedule
+
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), 8))
+    normal = lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
+    values = p2p.EditInputs(Schedule(*map(jnp.asarray, ddim_schedule(testing.SD1_SCHEDULER, steps))), normal(inputs.x_T),
+                            normal(inputs.cond), normal(inputs.phi), normal(inputs.pivots), jnp.float32(7.5), normal(inputs.empty))
+    return lowered, (model, arr, values)
 
 
 def analyse(lowered) -> dict:
@@ -258,8 +269,8 @@ def cost_model(flops: float, bytes_moved: float, utilisation: float = 0.4) -> li
     return rows
 
 
-def quality(n: int, batch: int) -> dict:
-    """bf16 against float32 null-text (50 x 10, early stop 1e-5) on the toy model's held-out images."""
+def quality(n: int, batch: int, num_steps: int = 50) -> dict:
+    """bf16 against float32 null-text (num_steps x 10, early stop 1e-5) on the toy model's held-out images."""
     import nti_jax
     from nti_jax.io import psnr, to_uint8
     from nti_jax.toy import shapes
@@ -272,7 +283,7 @@ def quality(n: int, batch: int) -> dict:
         pipe = nti_jax.load_pipeline(folder, dtype=dtype)
         psnrs, steps, t = [], [], time.time()
         for i in range(0, n, batch):
-            inv = nti_jax.invert(pipe, list(images[i : i + batch]), list(captions[i : i + batch]))
+            inv = nti_jax.invert(pipe, list(images[i : i + batch]), list(captions[i : i + batch]), num_steps=num_steps)
             rec = to_uint8(nti_jax.reconstruct(pipe, inv)[0])
             psnrs += [psnr(r, im) for r, im in zip(rec, images[i : i + batch])]
             steps += np.asarray(inv.inner_iterations).sum(axis=1).tolist()
@@ -346,65 +357,6 @@ def build_sd(folder: str, kind: str) -> str:
         _VAE, in_channels=3, out_channels=3, sample_size=cfg["vae"]["sample_size"])), testing.tiny_text_encoder(text), sched)
 
 
-def _peak_gib() -> float | None:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
-
-
-def bench(folder: str, dtypes, batches, steps: int, inner: int, torch_ref: bool) -> list:
-    """Null-text steps x inner (no early stop) per dtype and batch: compile s, s/image, the remat
-    chosen, peak device memory; then the PyTorch reference at batch 1 (float32, CUDA if present)."""
-    import nti_jax
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for dtype in dtypes:
-        pipe = nti_jax.load_pipeline(folder, dtype=dtype)
-        for b in batches:
-            imgs = list(rng.integers(0, 256, (b, pipe.image_size, pipe.image_size, 3), dtype=np.uint8))
-            run = lambda: jax.block_until_ready(nti_jax.invert(pipe, imgs, ["a photo of a cat"] * b, num_steps=steps,
-                                                               num_inner_steps=inner, early_stop_epsilon=-1.0).x_T)
-            model = Denoiser.of(pipe)
-            s, ch, d = _dims(model)
-            remat = inversion.choose_remat(model, b, (s, s, ch), (77, d))
-            try:
-                t = time.time(); run(); first = time.time() - t
-                t = time.time(); run(); sec = time.time() - t
-            except Exception as e:  # out of memory on the device: recorded, the next point runs
-                rows.append(dict(impl="nti-jax", dtype=dtype, batch=b, remat=remat, error=str(e).splitlines()[0][:300]))
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            rows.append(dict(impl="nti-jax", dtype=dtype, batch=b, remat=remat, compile_and_run_s=first, run_s=sec,
-                             s_per_image=sec / b, peak_gib=_peak_gib(), device=str(jax.devices()[0].device_kind)))
-            print(json.dumps(rows[-1]), flush=True)
-    if torch_ref:
-        rows.append(_torch_bench(folder, steps, inner))
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def _torch_bench(folder: str, steps: int, inner: int) -> dict:
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    import nti_jax
-    from benchmarks import torch_reference as tr
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).to(dev).eval()
-    pipe = nti_jax.load_pipeline(folder)
-    s = pipe.unet.config.sample_size
-    z0 = np.random.default_rng(1).standard_normal((1, 4, s, s)).astype(np.float32)
-    cond, null = (torch.from_numpy(np.asarray(pipe.encode_prompt([p]))) for p in ("a photo of a cat", ""))
-    sched = tr.DDIMSchedule(pipe.scheduler_config, steps)
-    t = time.time()
-    piv = tr.ddim_pivots(unet, sched, torch.from_numpy(z0), cond)
-    tr.null_text_optimization(unet, sched, piv, cond, null, num_inner_steps=inner, early_stop_epsilon=-1.0)
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return dict(impl="torch", dtype="float32", batch=1, s_per_image=time.time() - t, device=dev)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -426,21 +378,14 @@ def main(argv=None) -> int:
     q = sub.add_parser("quality")
     q.add_argument("--n", type=int, default=50)
     q.add_argument("--batch", type=int, default=10)
-    d = sub.add_parser("bench", help="time null-text on a random model (benchmarks/device_bench.sh)")
-    d.add_argument("--model", choices=("sd15", "tiny"), default="sd15")
-    d.add_argument("--folder", required=True, help="where the random model is built (reused if present)")
-    d.add_argument("--dtypes", default="bfloat16,float32", type=lambda s: s.split(","))
-    d.add_argument("--batches", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
-    d.add_argument("--steps", type=int, default=50)
-    d.add_argument("--inner", type=int, default=10)
-    d.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
-    d.add_argument("--json")
     r = sub.add_parser("remat-time", help="CPU time of each remat mode on a mid-size random UNet")
     r.add_argument("--channels", default="128,256,512", type=lambda s: [int(x) for x in s.split(",")])
     r.add_argument("--sample", type=int, default=32)
     r.add_argument("--steps", type=int, default=4)
     r.add_argument("--inner", type=int, default=10)
     r.add_argument("--repeats", type=int, default=3)
+    bs = sub.add_parser("build-sd", help="a random-weight SD 1.5 diffusers folder (the full-size CLI smoke run)")
+    bs.add_argument("folder")
     sub.add_parser("batch-effect", help="bf16 and float32 eps of the same rows in calls of B and 2B rows (toy model)")
     t = sub.add_parser("table")
     t.add_argument("json")
@@ -462,10 +407,8 @@ def main(argv=None) -> int:
                 moved = bytes_per_image(params, inversion.gradient_residual_bytes(bf16, 1, (s, s, ch), (77, dim), "none"))
                 print(json.dumps({"model": m, "dtype": d, "per_call": c, "per_image": img, "bf16_bytes_per_image": moved,
                                   "cost_model": [r for u in (1.0, 0.4) for r in cost_model(img["flops"]["after"], moved, u)]}))
-    elif a.cmd == "bench":
-        rows = bench(build_sd(a.folder, a.model), a.dtypes, a.batches, a.steps, a.inner, a.torch)
-        if a.json:
-            json.dump({"model": a.model, "steps": a.steps, "inner": a.inner, "jax": jax.__version__, "rows": rows}, open(a.json, "w"), indent=1)
+    elif a.cmd == "build-sd":
+        print(build_sd(a.folder, "sd15"))
     elif a.cmd == "remat-time":
         print(json.dumps(remat_times(a.channels, a.sample, a.steps, a.inner, a.repeats), indent=1))
     elif a.cmd == "batch-effect":

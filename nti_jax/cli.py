@@ -106,6 +106,16 @@ def _nonnegative_int(text: str) -> int:
     return v
 
 
+def _gib(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text!r}")
+    return v
+
+
 def _finite_float(text: str) -> float:
     try:
         v = float(text)
@@ -153,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=_finite_float, metavar="W", help="classifier-free guidance scale (default %(default)s)")
     g.add_argument("--inner-steps", type=_nonnegative_int, metavar="N", help="null-text Adam steps per timestep at most (default %(default)s)")
     g.add_argument("--early-stop-eps", type=_finite_float, metavar="EPS", help="stop a timestep when loss < EPS + i*2e-5 (default %(default)s; negative: never)")
-    g.add_argument("--remat", choices=("auto",) + REMAT_MODES, default="auto", help="what the null-text gradient recomputes instead of keeping (same results); auto: the fastest that fits a device's free memory")
+    g.add_argument("--remat", choices=("auto",) + REMAT_MODES, default="auto", help="what the null-text gradient recomputes instead of keeping (same results); auto: the fastest whose compiled program fits a device's free memory (or --max-device-memory)")
+    g.add_argument("--max-device-memory", type=_gib, metavar="GiB", help="the memory an inversion may use per device; batches that do not fit run in smaller calls (default: the device's free memory)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="UNet/text compute dtype (default %(default)s)")
     g = p.add_argument_group("devices, hosts and runs")
     g.add_argument("--batch-size", type=_positive_int, metavar="N", help="images per device per batch (default %(default)s; more uses an accelerator better)")
@@ -314,7 +325,7 @@ def _run(args, settings: InvertSettings, argv: list[str]) -> int:
         inference_timesteps(pipe.scheduler_config, settings.num_steps)
     except ValueError as e:
         raise UsageError(f"--steps: {e}") from None
-    cfg = RunConfig(settings, model, args.dtype, args.batch_size, args.force, args.step_progress, args.attention, args.remat)
+    cfg = RunConfig(settings, model, args.dtype, args.batch_size, args.force, args.step_progress, args.attention, args.remat, args.max_device_memory)
     log = RunLog(args.out, pid, nproc, force=args.force)
     barrier = parallel.FileBarrier(log.out, parallel.FileBarrier.new_token(), pid, nproc)
     driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log, model_fingerprint(model))

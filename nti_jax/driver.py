@@ -42,6 +42,7 @@ class RunConfig:
     step_progress: bool = False
     attention: bool = False  # a heat-map PNG per edit too (attention.png per image always)
     remat: str = "auto"  # the null-text gradient's memory mode (inversion.REMAT_MODES or auto)
+    max_device_memory: Optional[float] = None  # GiB an inversion may use per device (None: the free memory)
 
 
 class StepProgress:
@@ -164,7 +165,8 @@ class Driver:
         try:
             with warnings.catch_warnings():  # long prompts: recorded per image by `prepare`
                 warnings.simplefilter("ignore", PromptTruncatedWarning)
-                invs = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress, remat=self.cfg.remat)
+                invs = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress, remat=self.cfg.remat,
+                                             max_device_memory=self.cfg.max_device_memory)
             recon = self.inverter.reconstruct(self.pipe, invs)
             jax.block_until_ready(recon)
         except KeyboardInterrupt:

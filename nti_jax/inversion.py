@@ -25,6 +25,7 @@ import optax
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
+from . import planning
 from .errors import NtiError, PromptError
 from .io import ImageLike, atomic_path, load_image
 from .models.unet import REMAT_MODES
@@ -36,9 +37,6 @@ from .settings import METHODS, InvertSettings
 FORMAT_VERSION = "1"
 BATCHED_FIELDS = ("x_T", "pivots", "null_embeddings", "cond_embeddings", "inner_iterations", "final_losses", "nonfinite")
 Progress = Optional[Callable[[jax.Array], None]]
-# `choose_remat`: a mode fits when this many times its gradient residuals fit in free memory (the
-# rest of the program's temporaries: the backward pass's own buffers, XLA's scheduling slack).
-REMAT_HEADROOM = 2.0
 
 
 @struct.dataclass
@@ -256,7 +254,7 @@ def null_text_optimisation(model: Denoiser, pivots: jax.Array, inputs: InvertInp
 
 def invert_core(model: Denoiser, inputs: InvertInputs, *, method: str, progress: Progress = None, remat: str = "none") -> InvertOutputs:
     """The whole inversion of a batch, unjitted (`invert_program` jits it; parallel.py shards it).
-    `remat`: one of REMAT_MODES ("auto" is resolved before, by `choose_remat`)."""
+    `remat`: one of REMAT_MODES ("auto" is resolved before, by `plan_program`)."""
     pivots = ddim_pivots(model, inputs.sched, inputs.z0, inputs.cond)
     b, n = inputs.z0.shape[0], inputs.sched.timesteps.shape[0]
     if method == "null-text":
@@ -313,36 +311,42 @@ class _Hashable:
         return isinstance(other, _Hashable) and self.key == other.key
 
 
-def available_bytes(device=None) -> int:
-    """Free memory of `device` (default: the first local one): its allocator's limit less what is
-    in use, or the host's available RAM for a CPU."""
-    device = device or jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def abstract_inputs(pipe: Pipeline, settings: InvertSettings, rows: int, sharding=None) -> InvertInputs:
+    """The shapes and dtypes `prepare_inputs` gives for `rows` images (nothing encoded); the
+    batched fields take `sharding` (e.g. a mesh's batch sharding), the rest are left unplaced."""
+    latent = pipe.image_size // pipe.latent_factor
+    cfg, f32, spec = pipe.unet.config, jnp.float32, jax.ShapeDtypeStruct
+    batched = lambda *shape: spec((rows, *shape), f32, sharding=sharding)
+    t = settings.num_steps
+    sched = Schedule(spec((t,), jnp.int32), spec((t,), f32), spec((t,), f32))
+    return InvertInputs(batched(latent, latent, cfg.in_channels), batched(pipe.max_tokens, cfg.cross_attention_dim),
+                        batched(pipe.max_tokens, cfg.cross_attention_dim), sched, spec((), f32), spec((), jnp.int32), spec((), f32))
 
 
-def choose_remat(model: Denoiser, batch: int, latent: Sequence[int], context: Sequence[int], available: Optional[int] = None) -> str:
-    """The first of REMAT_MODES ("none" is fastest) whose inner-loop gradient fits: REMAT_HEADROOM
-    x its residual bytes within `available` bytes (default `available_bytes()`)."""
-    available = available_bytes() if available is None else available
-    for mode in REMAT_MODES:
-        if REMAT_HEADROOM * gradient_residual_bytes(model, batch, latent, context, mode) <= available:
-            return mode
-    return REMAT_MODES[-1]
+def param_bytes(model: Denoiser) -> int:
+    """Bytes of the UNet's parameters."""
+    return sum(a.size * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(model.params))
 
 
-def resolve_remat(remat: str, model: Denoiser, inputs: InvertInputs, method: str = "null-text") -> str:
-    """`remat` checked; "auto" replaced by `choose_remat` for this batch ("none" for the methods
-    that take no gradient)."""
+def plan_program(model: Denoiser, method: str, remat: str, batch: int, lower: Callable[[int, str], Any], key: tuple,
+                 max_device_memory: Optional[float] = None, latent: Sequence[int] = (), context: Sequence[int] = ()) -> planning.Choice:
+    """Remat mode and rows per call for `batch` images per device, from the compiled candidates
+    (`planning.choose`): every mode for null-text under "auto", else the one given ("none" for
+    the methods with no gradient). The gradient's residual bytes order the candidates."""
     if remat != "auto" and remat not in REMAT_MODES:
         raise ValueError(f"remat must be auto or one of {', '.join(REMAT_MODES)}, got {remat!r}")
-    if method != "null-text":
-        return "none"
-    if remat == "auto":
-        return choose_remat(model, inputs.z0.shape[0], inputs.z0.shape[1:], inputs.cond.shape[1:])
-    return remat
+    modes = ("none",) if method != "null-text" else REMAT_MODES if remat == "auto" else (remat,)
+    budget = planning.budget_bytes(max_device_memory, param_bytes(model))
+    estimate = None
+    if method == "null-text" and latent:
+        estimate = lambda rows, mode: gradient_residual_bytes(model, rows, latent, context, mode)
+    return planning.choose((method,) + key, batch, modes, lower, budget, estimate)
+
+
+def rows_of(inputs: InvertInputs, rows: Sequence[int]) -> InvertInputs:
+    """The inputs of images `rows` (the batched fields indexed, the rest as they are)."""
+    idx = np.asarray(rows)
+    return inputs._replace(z0=inputs.z0[idx], cond=inputs.cond[idx], null=inputs.null[idx])
 
 
 def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings) -> InvertInputs:
@@ -350,9 +354,9 @@ def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequen
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise PromptError(f"the source prompt must be a non-empty caption of the image, got {p!r}")
-    emb = pipe.encode_prompt(list(prompts) + [""])
+    emb = pipe.encode_prompt(list(prompts) + [""]).astype(jnp.float32)
     cond, null = emb[:-1], jnp.broadcast_to(emb[-1:], emb[:-1].shape)
-    z0 = pipe.encode_image(np.stack(images))
+    z0 = pipe.encode_image(np.stack(images)).astype(jnp.float32)
     return InvertInputs(
         z0, cond, null, model_schedule(pipe, settings.num_steps), jnp.float32(settings.guidance_scale),
         jnp.int32(settings.num_inner_steps), jnp.float32(settings.early_stop_epsilon),
@@ -398,6 +402,7 @@ def invert(
     crop: Optional[Sequence[int]] = None,
     progress: Progress = None,
     remat: str = "auto",
+    max_device_memory: Optional[float] = None,
     **overrides: Any,
 ) -> Inversion:
     """Invert one image or a batch (each with its own prompt) into an `Inversion`.
@@ -408,8 +413,10 @@ def invert(
     (`method`, `num_steps`, `guidance_scale`, `num_inner_steps`, `early_stop_epsilon`; see
     `InvertSettings`). `progress(i)` is called from the device after each null-text step.
     `remat`: what the null-text gradient recomputes instead of keeping ("none", "blocks", "full",
-    see `models.unet.REMAT_MODES`), or "auto" (`choose_remat`: the fastest that fits the device's
-    free memory at this batch). It changes memory and time, not the result.
+    see `models.unet.REMAT_MODES`), or "auto": the fastest whose compiled program fits the
+    device's free memory, or `max_device_memory` GiB (`planning`); a batch that fits in no mode
+    runs in several calls of fewer images. They change memory and time, not the result (in bf16
+    a row's rounding depends on its call's batch).
     """
     if settings is None or overrides:
         settings = dataclasses.replace(settings or InvertSettings(), **overrides)
@@ -422,9 +429,21 @@ def invert(
     pixels = [load_image(im, pipe.image_size, crop) for im in images]
     inputs = prepare_inputs(pipe, pixels, prompts, settings)
     model = Denoiser.of(pipe)
-    remat = resolve_remat(remat, model, inputs, settings.method)
-    out = invert_program(model, inputs, method=settings.method, progress=progress, remat=remat)
+    if remat != "auto" and max_device_memory is None:
+        out = invert_program(model, inputs, method=settings.method, progress=progress, remat=remat)
+        return assemble(pipe, settings, prompts, inputs.cond, inputs.sched.timesteps, out)
+    b = len(images)
+    spec = lambda rows: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rows_of(inputs, [0] * rows))
+    lower = lambda rows, mode: invert_program.lower(model, spec(rows), method=settings.method, progress=progress, remat=mode)
+    key = (progress, model.module, model.prediction_type, planning.shape_key(model.params, spec(1)))
+    choice = plan_program(model, settings.method, remat, b, lower, key, max_device_memory, inputs.z0.shape[1:], inputs.cond.shape[1:])
+    outs = []
+    for start in range(0, b, choice.rows):
+        n = min(choice.rows, b - start)
+        out = choice.compiled(model, rows_of(inputs, [start + r for r in planning.pad_rows(n, choice.rows)]))
+        outs.append([a[:n] for a in out])
+    out = InvertOutputs(*[jnp.concatenate(parts) for parts in zip(*outs)])
     return assemble(pipe, settings, prompts, inputs.cond, inputs.sched.timesteps, out)
 
 
-__all__ = ["METHODS", "REMAT_MODES", "Inversion", "InvertInputs", "InvertOutputs", "InvertSettings", "invert", "invert_core", "invert_program", "choose_remat", "gradient_residual_bytes"]
+__all__ = ["METHODS", "REMAT_MODES", "Inversion", "InvertInputs", "InvertOutputs", "InvertSettings", "invert", "invert_core", "invert_program", "gradient_residual_bytes", "plan_program"]

@@ -31,7 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .inversion import BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, assemble, invert_core, prepare_inputs, resolve_remat
+from . import planning
+from .inversion import (
+    BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, abstract_inputs, assemble, invert_core, plan_program, prepare_inputs,
+)
+from .planning import pad_rows
 from .pipeline import Pipeline
 from .sampling import Denoiser, reconstruct
 from .settings import InvertSettings
@@ -178,14 +182,6 @@ def sharded_program(mesh: Mesh, method: str, progress: Optional[Callable], remat
     )
 
 
-def pad_rows(n_real: int, capacity: int) -> list[int]:
-    """Row -> item mapping for a batch of `capacity` rows holding `n_real` items: the padding
-    rows repeat the last real item (their results are dropped)."""
-    if not 0 < n_real <= capacity:
-        raise ValueError(f"cannot pad {n_real} items to {capacity} rows")
-    return list(range(n_real)) + [n_real - 1] * (capacity - n_real)
-
-
 def per_device_batch(requested: int, n_items: int, num_devices: int) -> int:
     """Rows per device: the requested batch, but no more than needed to hold `n_items` at once."""
     return max(1, min(requested, -(-n_items // num_devices)))
@@ -204,7 +200,7 @@ class ShardedInverter:
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
-        self._programs: dict = {}
+        self._programs: set = set()  # the programs `invert` ran: compiled executables or jitted functions
         self._for = None  # (pipe, replicated Denoiser, per-device pipelines)
 
     @property
@@ -250,34 +246,59 @@ class ShardedInverter:
         fields = [[getattr(p, f) for p in parts] for f in InvertInputs._fields]
         return InvertInputs(*[glue(pieces, spec) for pieces, spec in zip(fields, InvertInputs.specs(AXIS))])
 
+    def plan(self, pipe: Pipeline, settings: InvertSettings, per_device: int, progress: Optional[Callable] = None,
+             remat: str = "auto", max_device_memory: Optional[float] = None) -> planning.Choice:
+        """Remat mode and images per device per call for `per_device` images per device, from the
+        compiled sharded programs (`inversion.plan_program`)."""
+        model, _ = self._setup(pipe)
+        whole, batched = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
+
+        def spec(rows: int) -> InvertInputs:
+            specs = abstract_inputs(pipe, settings, rows * self.num_devices, batched)
+            return InvertInputs(*[a if s == P(AXIS) else jax.tree_util.tree_map(lambda x: x.update(sharding=whole), a)
+                                  for a, s in zip(specs, InvertInputs.specs(AXIS))])
+
+        model_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), model)
+        lower = lambda rows, mode: sharded_program(self.mesh, settings.method, progress, mode).lower(model_spec, spec(rows))
+        key = (progress, model.module, model.prediction_type, self.mesh, planning.shape_key(model_spec, spec(1)))
+        s, ch = pipe.image_size // pipe.latent_factor, pipe.unet.config.in_channels
+        return plan_program(model, settings.method, remat, per_device, lower, key, max_device_memory, (s, s, ch),
+                            (pipe.max_tokens, pipe.unet.config.cross_attention_dim))
+
     def invert(
         self, pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings,
-        progress: Optional[Callable] = None, *, remat: str = "auto",
+        progress: Optional[Callable] = None, *, remat: str = "auto", max_device_memory: Optional[float] = None,
     ) -> list[Inversion]:
         """Invert uint8 square images (at the model's size) with their prompts: one `Inversion`
         (B = 1) per image, each on the device that inverted it. `remat`: what the null-text
-        gradient recomputes instead of keeping (`inversion.REMAT_MODES`; "auto" picks by the free
-        memory of a device for its share of the batch); results do not depend on it."""
+        gradient recomputes instead of keeping (`inversion.REMAT_MODES`), or "auto"; with "auto"
+        or `max_device_memory` (GiB per device) the mode and the images per call come from the
+        compiled programs (`plan`), and a share that fits in no mode runs in several calls.
+        Results do not depend on either (in bf16, a row's rounding depends on its call's batch)."""
         if len(images) != len(prompts) or not images:
             raise ValueError(f"{len(images)} images and {len(prompts)} prompts")
         model, replicas = self._setup(pipe)
         per = -(-len(images) // self.num_devices)
-        rows = pad_rows(len(images), per * self.num_devices)
-        padded = [prompts[r] for r in rows]
-        inputs = self._prepare(replicas, [images[r] for r in rows], padded, settings)
-        local = jax.ShapeDtypeStruct((per,) + inputs.z0.shape[1:], inputs.z0.dtype)
-        rows_spec = inputs._replace(z0=local, cond=jax.ShapeDtypeStruct((per,) + inputs.cond.shape[1:], inputs.cond.dtype))
-        key = (settings.method, progress, resolve_remat(remat, model, rows_spec, settings.method))
-        if key not in self._programs:
-            self._programs[key] = sharded_program(self.mesh, *key)
-        out = self._programs[key](model, inputs)
+        if remat == "auto" or max_device_memory is not None:
+            choice = self.plan(pipe, settings, per, progress, remat, max_device_memory)
+            program, per = choice.compiled, choice.rows
+        else:
+            program = sharded_program(self.mesh, settings.method, progress, remat)
+        self._programs.add(program)
+        step = per * self.num_devices
         invs = []
-        for d, (device, rep) in enumerate(zip(self.devices, replicas)):
-            local = InvertOutputs(*[_local(a, device) for a in out])
-            piece = assemble(rep, settings, padded[d * per : (d + 1) * per], _local(inputs.cond, device),
-                             _local(inputs.sched.timesteps, device), local)
-            invs.extend(piece[j] for j in range(per))
-        return invs[: len(images)]
+        for start in range(0, len(images), step):
+            rows = [start + r for r in pad_rows(min(step, len(images) - start), step)]
+            padded = [prompts[r] for r in rows]
+            inputs = self._prepare(replicas, [images[r] for r in rows], padded, settings)
+            out = program(model, inputs)
+            for d, (device, rep) in enumerate(zip(self.devices, replicas)):
+                local = InvertOutputs(*[_local(a, device) for a in out])
+                piece = assemble(rep, settings, padded[d * per : (d + 1) * per], _local(inputs.cond, device),
+                                 _local(inputs.sched.timesteps, device), local)
+                invs.extend(piece[j] for j in range(per))
+            invs = invs[: min(len(images), start + step)]
+        return invs
 
     def reconstruct(self, pipe: Pipeline, invs: Sequence[Inversion]) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
         """(reconstruction (H,W,3), its latent (h,w,C), the VAE's own decode of z0 (H,W,3)) per
@@ -298,7 +319,7 @@ class ShardedInverter:
 
     def compiled_programs(self) -> int:
         """How many inversion programs this inverter compiled (tests: batches reuse one)."""
-        return sum(p._cache_size() for p in self._programs.values())
+        return sum(p._cache_size() if hasattr(p, "_cache_size") else 1 for p in self._programs)
 
 
 __all__ = [

@@ -121,6 +121,7 @@ def free_port():
         (["--manifest", "{tmp}/m.jsonl", "--prompt", "a cat"], "--prompt goes with --image"),
         (["--model", "{tmp}/no-such-model", "--manifest", "{tmp}/m.jsonl"], "cannot load the model"),
         (["--manifest", "{tmp}/m.jsonl", "--num-devices", "64"], "--num-devices 64"),
+        (["--manifest", "{tmp}/m.jsonl", "--max-device-memory", "0"], "positive number of GiB"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):

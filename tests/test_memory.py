@@ -45,15 +45,15 @@ def test_context_gradient_matches_torch_autograd_in_every_remat_mode(folder, pip
         assert rel_err(grads[mode], grads["none"]) <= 1e-5
 
 
-def test_chunked_attention_matches_torch(monkeypatch):
-    """Queries in chunks (forced small here; SD 1.5's 64x64 layers chunk by default): the values
-    and gradients of torch's plain attention."""
+def test_chunked_attention_matches_torch():
+    """Queries in chunks (forced small here; SD 1.5's 64x64 layers chunk by default on CPU): the
+    values and gradients of torch's plain attention."""
     from nti_jax.models import attention
 
-    monkeypatch.setattr(attention, "ATTENTION_BLOCK", 2**14)  # (2, 2 heads, 512, 512) -> 8 chunks of 64
     rng = np.random.default_rng(2)
     q, k, v, g = (rng.standard_normal((2, 512, 2, 8)).astype(np.float32) for _ in range(4))
-    out, vjp = jax.vjp(lambda q, k, v: attention._xla_attention(q, k, v, 0.3), q, k, v)
+    block = 2**14  # (2, 2 heads, 512, 512) -> 8 chunks of 64
+    out, vjp = jax.vjp(lambda q, k, v: attention._xla_attention(q, k, v, 0.3, block), q, k, v)
     tq, tk, tv = (torch.from_numpy(a).permute(0, 2, 1, 3).requires_grad_() for a in (q, k, v))
     want = torch.softmax(tq @ tk.transpose(-1, -2) * 0.3, dim=-1) @ tv
     (want * torch.from_numpy(g).permute(0, 2, 1, 3)).sum().backward()
@@ -121,16 +121,6 @@ def test_inversion_with_remat_equals_without(pipe):
         nti_jax.invert(pipe, img, PROMPT, remat="some", **kw)
 
 
-def test_choose_remat_takes_the_fastest_mode_that_fits(pipe):
-    model = Denoiser.of(pipe)
-    need = {m: inversion.REMAT_HEADROOM * inversion.gradient_residual_bytes(model, 4, (16, 16, 4), (77, 32), m) for m in REMAT_MODES}
-    pick = lambda avail: inversion.choose_remat(model, 4, (16, 16, 4), (77, 32), available=int(avail))
-    assert pick(need["none"]) == "none"
-    assert pick(need["none"] - 1) == "blocks"
-    assert pick(need["blocks"] - 1) == "full"
-    assert pick(0) == "full"  # nothing fits: the least memory
-
-
 def test_largest_batch_is_a_line_through_the_measured_batches():
     from benchmarks import memory
 
@@ -148,15 +138,24 @@ def test_memory_point_on_a_tiny_model():
 
 
 def test_device_bench_dry_run(tmp_path):
-    out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHON=sys.executable)
+    """benchmarks/device_bench.sh on the tiny model: every dry-run point returns its figures, the
+    compile from the persistent cache is a hit, and the profile table names operations."""
+    from benchmarks import device_bench
+
+    out = tmp_path / "bench.jsonl"
+    env = dict(os.environ, PYTHON=sys.executable, BUDGET_S="600")
     res = subprocess.run([os.path.join(ROOT, "benchmarks", "device_bench.sh"), "--dry-run", str(out)], env=env,
                          capture_output=True, text=True, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["impl"], r["dtype"], r["batch"]) for r in rows] == [
-        ("nti-jax", "float32", 1), ("nti-jax", "bfloat16", 1), ("torch", "float32", 1)]
-    assert all(r["s_per_image"] > 0 for r in rows) and all(r["remat"] in REMAT_MODES for r in rows[:2])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = {r["point"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert list(rows) == list(device_bench.DRY_POINTS)
+    assert not [r for r in rows.values() if "error" in r or "skipped" in r]
+    first = rows["bf16-b1"]
+    assert first["run_s"] > 0 and first["s_per_image_50"] == first["run_s"] * 25 and first["cudnn_fmha_calls"] == 0
+    assert first["need_gib"] > first["temporaries_gib"] > 0 and first["top_ops"] and first["profiled_ops_ms"] > 0
+    assert rows["bf16-b1-warm-compile"]["compile_s"] < first["compile_s"] / 2  # the cache served it
+    assert rows["bf16-edit-2"]["run_s"] > 0 and rows["torch-f32-b1"]["torch_device"] == "cpu"
+    assert "| bf16-b1 | bfloat16 | 1 |" in res.stdout and "Top device operations, bf16-b1" in res.stdout
 
 
 def test_bf16_null_text_reconstructs_within_0p3_db_of_float32():

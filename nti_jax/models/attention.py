@@ -6,23 +6,26 @@ receives the probabilities (B, heads, Lq, Lk) in float32 and the layer's `Attent
 returns probabilities of the same shape; with a `wants(place)` attribute it sees only the layers
 it names, the others taking the first path.
 
-On the first path nothing of size Lq x Lk outlives the layer: on GPU in bfloat16/float16 it is
-cuDNN's flash attention; elsewhere XLA's attention under `jax.checkpoint`, so a gradient keeps
-q, k, v and recomputes the probabilities (a 64x64 self-attention of SD 1.5 would otherwise keep
-two float32 copies of its 8 x 4096 x 4096 probabilities, 1 GiB per image per layer), one chunk
-of queries at a time (XLA would otherwise hold ~1.5 GiB of logits, probabilities and their
-gradients per image while it runs one such layer).
+On the first path nothing of size Lq x Lk outlives the layer. The kernel is chosen per backend
+(`ATTENTION`, `backend.kernel_choice`): on GPU in bfloat16/float16 cuDNN's flash attention;
+elsewhere XLA's attention under `jax.checkpoint`, so a gradient keeps q, k, v and recomputes the
+probabilities (a 64x64 self-attention of SD 1.5 would otherwise keep two float32 copies of its
+8 x 4096 x 4096 probabilities, 1 GiB per image per layer); on CPU and TPU one chunk of queries
+at a time (XLA:CPU would otherwise hold ~1.5 GiB of logits, probabilities and their gradients
+per image while it runs one such layer).
 """
 
 from __future__ import annotations
 
 from functools import partial
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .backend import kernel_choice
 from .resnet import tag
 
 
@@ -36,9 +39,14 @@ class AttentionPlace(NamedTuple):
 
 
 AttentionHook = Callable[[jax.Array, AttentionPlace], jax.Array]
-# The most logits one step of the XLA path computes: B x heads x queries x keys elements (32 MiB
-# in float32); SD 1.5 at 512 px runs its 64x64 layers in 16 chunks of queries per image. At SD
-# 1.5 size, in float32 at batch 1, 2**25 needed 0.22 GiB more temporaries and 2**24 0.03 GiB more.
+# The fused path's kernel per backend ($NTI_JAX_ATTENTION overrides): "cudnn" (where cuDNN takes
+# the dtype and head size, else "xla"), "xla" (XLA's attention, all queries at once) or "chunked"
+# (XLA's, over chunks of queries: memory for time, where memory is short).
+ATTENTION = {"gpu": "cudnn", "cpu": "chunked", "tpu": "chunked", "default": "xla"}
+ATTENTION_CHOICES = ("cudnn", "xla", "chunked")
+# The most logits one chunk computes: B x heads x queries x keys elements (32 MiB in float32); SD
+# 1.5 at 512 px runs its 64x64 layers in 16 chunks of queries per image. At SD 1.5 size, in
+# float32 at batch 1 on CPU, 2**25 needed 0.22 GiB more temporaries and 2**24 0.03 GiB more.
 ATTENTION_BLOCK = 2**23
 
 
@@ -71,20 +79,28 @@ def hook_wants(hook: Optional[AttentionHook], place: Optional[AttentionPlace]) -
     return hook is not None and getattr(hook, "wants", lambda place: True)(place)
 
 
-def _cudnn_ok(q: jax.Array) -> bool:
-    """cuDNN flash attention: GPU, half precision, head size a multiple of 8 up to 128."""
-    d = q.shape[-1]
-    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
+def cudnn_unsupported(q: jax.Array, capability: Optional[str] = None) -> Optional[str]:
+    """Why cuDNN's flash attention cannot take (B, Lq, heads, d) queries on a GPU of `capability`
+    (default: the first local device's), by JAX's own rules (half precision, d a multiple of 8
+    up to 256 on Hopper and later, 128 before), or None."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"it needs bfloat16 or float16, not {q.dtype}"
+    capability = capability or getattr(jax.local_devices()[0], "compute_capability", "0.0")
+    d, most = q.shape[-1], 256 if float(capability) >= 9.0 else 128
+    if d % 8 or d > most:
+        return f"head size {d} is not a multiple of 8 up to {most} on compute capability {capability}"
+    return None
 
 
-@partial(jax.checkpoint, static_argnums=(3,))
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """XLA's attention over chunks of queries with at most ATTENTION_BLOCK logits each (each chunk
-    checkpointed too): the same values, forward bit for bit, with one chunk's probabilities alive."""
+@partial(jax.checkpoint, static_argnums=(3, 4))
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, block: Optional[int]) -> jax.Array:
+    """XLA's attention, over chunks of queries with at most `block` logits each when `block` is
+    set (each chunk checkpointed too): the same values, forward bit for bit, with one chunk's
+    probabilities alive."""
     b, lq, h, d = q.shape
     attend_all = lambda q: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
     chunk = lq
-    while b * h * chunk * k.shape[1] > ATTENTION_BLOCK and chunk % 2 == 0 and chunk > 64:
+    while block and b * h * chunk * k.shape[1] > block and chunk % 2 == 0 and chunk > 64:
         chunk //= 2
     if chunk == lq:
         return attend_all(q)
@@ -95,13 +111,22 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> ja
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """Attention of (B, Lq, heads, d) queries over (B, Lk, heads, d) keys/values, (B, Lq, heads, d),
-    keeping no Lq x Lk array for the backward pass (see the module docstring)."""
-    if _cudnn_ok(q):
-        try:
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-        except (NotImplementedError, RuntimeError, ValueError, TypeError):
-            pass  # an older cuDNN or an unsupported shape: XLA's attention below
-    return _xla_attention(q, k, v, scale)
+    keeping no Lq x Lk array for the backward pass, with this backend's kernel (`ATTENTION`).
+    cuDNN's refusal of a shape is never silent: a float32 model takes XLA's kernel by design,
+    anything else warns."""
+    kind = kernel_choice("attention", ATTENTION, ATTENTION_CHOICES)
+    if kind == "cudnn":
+        why = cudnn_unsupported(q)
+        if why is None:
+            try:
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+            except (NotImplementedError, RuntimeError) as e:  # an older cuDNN, an unsupported shape
+                why = str(e).splitlines()[0]
+        if q.dtype in (jnp.bfloat16, jnp.float16):
+            warnings.warn(f"cuDNN attention not used for a layer of shape {q.shape}: {why}; XLA's attention runs instead",
+                          stacklevel=2)
+        kind = "xla"
+    return _xla_attention(q, k, v, scale, ATTENTION_BLOCK if kind == "chunked" else None)
 
 
 class Attention(nn.Module):

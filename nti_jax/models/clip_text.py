@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .norms import LayerNorm
+
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -44,7 +46,7 @@ class EncoderLayer(nn.Module):
         cfg, dt = self.config, self.dtype
         b, n, d = x.shape
         heads = cfg.num_attention_heads
-        ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name=name)
+        ln = lambda name: LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name=name)
         dense = lambda f, name: nn.Dense(f, dtype=dt, name=name)
         h = ln("layer_norm1")(x)
         split = lambda t: t.reshape(b, n, heads, d // heads)
@@ -73,7 +75,7 @@ class CLIPTextTransformer(nn.Module):
         mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
         for i in range(cfg.num_hidden_layers):
             x = EncoderLayer(cfg, dt, name=f"encoder.layers.{i}")(x, mask)
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="final_layer_norm")(x)
+        x = LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="final_layer_norm")(x)
         return x.astype(jnp.float32)
 
 

@@ -10,10 +10,21 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from .backend import kernel_choice
+from .norms import GroupNorm
+
 
 _DN = ("NHWC", "HWIO", "NHWC")
 # The name given to every convolution's and dense layer's output: what remat="blocks" keeps.
 MATMUL = "nti.matmul"
+# A conv's input gradient, per backend (`kernel_choice`; $NTI_JAX_CONV_GRAD overrides): "flipped"
+# is `conv_same`/`conv_strided`'s explicit gradient, made inside a conditional; "autodiff" is
+# lax.conv's own, with no conditional. XLA:CPU runs autodiff's form several times slower inside
+# the inner loop (see `conv_same`) and hoists its reversed kernels out of it. On GPU a conditional
+# copies its predicate to the host and waits (one full drain per conv per gradient), so GPU and
+# TPU take autodiff's.
+CONV_GRAD = {"cpu": "flipped", "default": "autodiff"}
+CONV_GRAD_CHOICES = ("flipped", "autodiff")
 
 
 def tag(x: jax.Array) -> jax.Array:
@@ -101,9 +112,11 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        pad = ((k // 2, k // 2),) * 2 if self.padding is None else tuple(map(tuple, self.padding))
+        if kernel_choice("conv_grad", CONV_GRAD, CONV_GRAD_CHOICES) == "autodiff":
+            return tag(_lax_conv(x, kernel, self.stride, pad) + bias)
         if self.stride == 1 and self.padding is None and k % 2 == 1:
             return tag(conv_same(x, kernel, k // 2) + bias)
-        pad = ((k // 2, k // 2),) * 2 if self.padding is None else tuple(map(tuple, self.padding))
         return tag(conv_strided(x, kernel, self.stride, pad) + bias)
 
 
@@ -122,7 +135,7 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
-        norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
+        norm = lambda name: GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
         h = conv(self.out_channels, 3, "conv1", self.dtype)(nn.silu(norm("norm1")(x)))
         if temb is not None:
             t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))

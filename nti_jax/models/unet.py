@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import Attention, AttentionHook, AttentionPlace
+from .norms import GroupNorm, LayerNorm
 from .resnet import MATMUL, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, conv, tag
 
 # Rematerialisation of the UNet's blocks (each ResnetBlock2D and Transformer2D) in a gradient:
@@ -39,7 +40,7 @@ def remat_block(cls: type, mode: str, static_argnums: tuple = ()) -> type:
 def _output_head(unet: "UNet2DConditionModel", x: jax.Array) -> jax.Array:
     """conv_out(silu(conv_norm_out(x))), its parameters the UNet's own."""
     cfg, dt = unet.config, unet.dtype
-    x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out", parent=unet)(x)
+    x = GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out", parent=unet)(x)
     return Conv2d(cfg.out_channels, 3, dtype=dt, name="conv_out", parent=unet)(nn.silu(x))
 
 
@@ -149,7 +150,7 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, size, hook: Optional[AttentionHook]):
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+        ln = lambda name: LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
         d = self.dim // self.heads
         path = ".".join(self.scope.path)
         place = lambda kind: AttentionPlace(self.block, kind, size, f"{path}.{kind}")
@@ -175,7 +176,7 @@ class Transformer2D(nn.Module):
     @nn.compact
     def __call__(self, x, context, hook=None):
         b, h, w, c = x.shape
-        y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        y = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         if self.use_linear:
             y = tag(nn.Dense(c, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c)))
         else:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import Attention
+from .norms import GroupNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 
 
@@ -68,7 +69,7 @@ class MidBlock(nn.Module):
         x = res("resnets.0")(x)
         if self.attention:
             b, h, w, c = x.shape
-            y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="attentions.0.group_norm")(x)
+            y = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="attentions.0.group_norm")(x)
             y = Attention(1, c, qkv_bias=True, dtype=self.dtype, name="attentions.0")(y.reshape(b, h * w, c))
             x = x + y.reshape(b, h, w, c)
         return res("resnets.1")(x)
@@ -89,7 +90,7 @@ class Encoder(nn.Module):
             if i < len(chans) - 1:
                 x = Downsample2D(ch, asymmetric=True, dtype=dt, name=f"down_blocks.{i}.downsamplers.0")(x)
         x = MidBlock(chans[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dt, name="mid_block")(x)
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=dt, name="conv_norm_out")(x)
+        x = GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=dt, name="conv_norm_out")(x)
         return conv(2 * cfg.latent_channels, 3, "conv_out", dt)(nn.silu(x))
 
 
@@ -108,7 +109,7 @@ class Decoder(nn.Module):
                 x = ResnetBlock2D(ch, cfg.norm_num_groups, 1e-6, dt, name=f"up_blocks.{i}.resnets.{j}")(x)
             if i < len(chans) - 1:
                 x = Upsample2D(ch, dtype=dt, name=f"up_blocks.{i}.upsamplers.0")(x)
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=dt, name="conv_norm_out")(x)
+        x = GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=dt, name="conv_norm_out")(x)
         return conv(cfg.out_channels, 3, "conv_out", dt)(nn.silu(x))
 
 

@@ -1,0 +1,131 @@
+"""Remat mode and rows per call chosen from the compiled program, not from a formula.
+
+For `remat="auto"` (or a memory budget) the candidates, (rows, remat mode), are lowered and
+compiled ahead of time, fastest first, and XLA's own `memory_analysis()` of each is read until
+one fits the budget; the one chosen is the executable that then runs, so a fitting first
+candidate costs no extra compilation. A formula (the gradient's residual bytes) only orders the
+candidates: those it says cannot fit are tried after the others, never dropped. Analyses and
+executables are cached per program and shapes for the process. A batch whose rows do not fit
+is run in several calls of fewer rows; when nothing fits, the leanest candidate runs with a
+warning, since XLA may still fit it where its analysis is pessimistic.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+
+GIB = 2**30
+
+
+class Candidate(NamedTuple):
+    rows: int  # images per program call (per device)
+    remat: str
+
+
+class Choice(NamedTuple):
+    """The candidate chosen, what XLA says it needs, and every candidate compiled on the way."""
+
+    rows: int
+    remat: str
+    need_bytes: int  # arguments + outputs + temporaries - aliased, per device
+    budget_bytes: int
+    fits: bool
+    compiled: Any  # the executable (jax.stages.Compiled)
+    tried: tuple  # ((rows, remat, need_bytes), ...) in the order compiled
+
+
+def program_bytes(compiled) -> int:
+    """Device bytes one call of `compiled` needs, per device, by XLA's memory analysis."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def free_bytes(device=None) -> int:
+    """Free memory of `device` (default: the first local one): its allocator's limit less what is
+    in use, or the host's available RAM for a CPU."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def budget_bytes(max_device_memory: Optional[float], resident_bytes: int = 0, device=None) -> int:
+    """The bytes a program may use per device: `max_device_memory` GiB when given, else the free
+    memory plus `resident_bytes` (arguments already on the device, the weights, which XLA's
+    analysis counts again)."""
+    if max_device_memory is not None:
+        if not max_device_memory > 0:
+            raise ValueError(f"max_device_memory must be a positive number of GiB, got {max_device_memory!r}")
+        return int(max_device_memory * GIB)
+    return free_bytes(device) + resident_bytes
+
+
+def candidates(batch: int, modes: Sequence[str], estimate: Optional[Callable[[int, str], int]] = None,
+               budget: Optional[int] = None) -> list[Candidate]:
+    """Rows halving from `batch` down to 1, each with `modes` fastest first; candidates whose
+    `estimate(rows, remat)` bytes exceed `budget` moved after the others, in the same order."""
+    rows, sizes = batch, []
+    while True:
+        sizes.append(rows)
+        if rows == 1:
+            break
+        rows = -(-rows // 2)
+    order = [Candidate(r, m) for r in sizes for m in modes]
+    if estimate is None or budget is None:
+        return order
+    hopeless = [c for c in order if estimate(c.rows, c.remat) > budget]
+    return [c for c in order if c not in hopeless] + hopeless
+
+
+_ANALYSED: dict = {}  # (key, candidate) -> need_bytes
+_EXECUTABLES: dict = {}  # (key, candidate) -> compiled, for candidates that fitted
+
+
+def choose(key: tuple, batch: int, modes: Sequence[str], lower: Callable[[int, str], Any], budget: int,
+           estimate: Optional[Callable[[int, str], int]] = None) -> Choice:
+    """The first candidate (see `candidates`) whose compiled program fits `budget` bytes.
+    `lower(rows, remat)` lowers the program for that candidate; `key` names the program and its
+    input shapes (everything but the candidate) for the caches."""
+    tried = []
+    for cand in candidates(batch, modes, estimate, budget):
+        k = (key, cand)
+        if k not in _ANALYSED:
+            compiled = lower(cand.rows, cand.remat).compile()
+            _ANALYSED[k] = program_bytes(compiled)
+            if _ANALYSED[k] <= budget:
+                _EXECUTABLES[k] = compiled
+        tried.append((cand.rows, cand.remat, _ANALYSED[k]))
+        if _ANALYSED[k] <= budget:
+            return Choice(cand.rows, cand.remat, _ANALYSED[k], budget, True, _EXECUTABLES[k], tuple(tried))
+    rows, remat, need = min(tried, key=lambda t: t[2])
+    warnings.warn(f"no batch size and remat mode fits {budget / GIB:.2f} GiB per device; the leanest, {rows} "
+                  f"image(s) per call with remat {remat!r}, needs {need / GIB:.2f} GiB and runs anyway", stacklevel=2)
+    k = (key, Candidate(rows, remat))
+    if k not in _EXECUTABLES:
+        _EXECUTABLES[k] = lower(rows, remat).compile()
+    return Choice(rows, remat, need, budget, False, _EXECUTABLES[k], tuple(tried))
+
+
+def pad_rows(n_real: int, capacity: int) -> list[int]:
+    """Row -> item mapping for a batch of `capacity` rows holding `n_real` items: the padding
+    rows repeat the last real item (their results are dropped)."""
+    if not 0 < n_real <= capacity:
+        raise ValueError(f"cannot pad {n_real} items to {capacity} rows")
+    return list(range(n_real)) + [n_real - 1] * (capacity - n_real)
+
+
+def shape_key(*trees) -> str:
+    """The shapes, dtypes and shardings of the arrays in `trees` (a cache key)."""
+    leaf = lambda a: (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", None)))
+    return str(jax.tree_util.tree_map(leaf, trees))
+
+
+def clear_cache() -> None:
+    """Forget every analysis and executable (tests)."""
+    _ANALYSED.clear()
+    _EXECUTABLES.clear()

@@ -1,0 +1,116 @@
+"""Issue 19: remat mode and images per call chosen from the compiled programs' memory analysis.
+
+The choice logic on programs with known needs (none, blocks, full, then a split batch as the
+budget shrinks; the formula only orders; analyses cached), then on the real compiled program of
+a tiny model: a budget that fits one image per call but not two splits the batch, with the same
+results as one call.
+"""
+
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+import nti_jax
+from nti_jax import inversion, parallel, planning
+from nti_jax.testing import rel_err
+
+NEED = {"none": 10, "blocks": 6, "full": 4}  # bytes per image of fake programs, over a base of 10
+
+
+class FakeLowered:
+    """A lowered program whose compiled form reports `10 + rows x NEED[remat]` bytes."""
+
+    compiles: list = []
+
+    def __init__(self, rows: int, remat: str):
+        self.rows, self.remat = rows, remat
+
+    def compile(self):
+        FakeLowered.compiles.append((self.rows, self.remat))
+        m = SimpleNamespace(argument_size_in_bytes=4, output_size_in_bytes=2, temp_size_in_bytes=4 + self.rows * NEED[self.remat],
+                            alias_size_in_bytes=0)
+        return SimpleNamespace(memory_analysis=lambda: m, rows=self.rows, remat=self.remat)
+
+
+def need(rows, remat):
+    return 10 + rows * NEED[remat]
+
+
+@pytest.fixture
+def fresh():
+    planning.clear_cache()
+    FakeLowered.compiles = []
+    yield
+    planning.clear_cache()
+
+
+def test_candidates_halve_the_batch_and_the_formula_only_reorders():
+    modes = ("none", "blocks", "full")
+    assert planning.candidates(5, ("none",)) == [(5, "none"), (3, "none"), (2, "none"), (1, "none")]
+    order = planning.candidates(2, modes, estimate=lambda r, m: 100 if m == "none" else 0, budget=50)
+    assert order == [(2, "blocks"), (2, "full"), (1, "blocks"), (1, "full"), (2, "none"), (1, "none")]
+
+
+@pytest.mark.parametrize(
+    "budget, rows, remat",
+    [
+        (need(4, "none"), 4, "none"),
+        (need(4, "none") - 1, 4, "blocks"),
+        (need(4, "blocks") - 1, 4, "full"),
+        (need(4, "full") - 1, 2, "blocks"),  # four images fit in no mode: two per call
+        (need(2, "blocks") - 1, 2, "full"),
+        (need(2, "full") - 1, 1, "blocks"),
+        (need(1, "full"), 1, "full"),
+    ],
+)
+def test_the_fastest_candidate_that_fits_is_chosen(fresh, budget, rows, remat):
+    choice = planning.choose(("fake",), 4, ("none", "blocks", "full"), FakeLowered, budget)
+    assert (choice.rows, choice.remat, choice.fits) == (rows, remat, True)
+    assert choice.need_bytes == need(rows, remat) <= budget
+    assert (choice.compiled.rows, choice.compiled.remat) == (rows, remat)  # the executable that runs is the one chosen
+    assert [t[:2] for t in choice.tried][-1] == (rows, remat)
+
+
+def test_analyses_are_cached_and_nothing_fitting_runs_the_leanest_with_a_warning(fresh):
+    planning.choose(("fake",), 4, ("none", "blocks"), FakeLowered, need(4, "blocks"))
+    assert FakeLowered.compiles == [(4, "none"), (4, "blocks")]
+    planning.choose(("fake",), 4, ("none", "blocks"), FakeLowered, need(4, "blocks"))
+    assert len(FakeLowered.compiles) == 2  # the same program and shapes: nothing compiled again
+    with pytest.warns(UserWarning, match="no batch size and remat mode fits"):
+        choice = planning.choose(("fake",), 4, ("none", "blocks", "full"), FakeLowered, 5)
+    assert (choice.rows, choice.remat, choice.fits) == (1, "full", False)
+
+
+def test_budget_from_the_flag_or_the_free_memory():
+    assert planning.budget_bytes(1.5) == int(1.5 * 2**30)
+    assert planning.budget_bytes(None, resident_bytes=7) - 7 > 0
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="positive number of GiB"):
+            planning.budget_bytes(bad)
+
+
+def test_a_batch_that_does_not_fit_is_split_with_the_same_results(pipe):
+    """Two images whose program needs more than the budget: one image per call, twice."""
+    images = list(np.random.default_rng(4).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    prompts = ["a red circle on a blue background", "a green square"]
+    settings = nti_jax.InvertSettings(method="ddim", num_steps=4)
+    model = parallel.ShardedInverter(parallel.local_mesh(jax.local_devices()[:1]))._setup(pipe)[0]
+    analysis = lambda rows: inversion.invert_program.lower(
+        model, inversion.abstract_inputs(pipe, settings, rows), method="ddim").compile().memory_analysis()
+    total = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    one, two = total(analysis(1)), total(analysis(2))
+    assert one < two
+    budget_gib = (one + two) / 2 / 2**30
+    inverter = parallel.ShardedInverter(parallel.local_mesh(jax.local_devices()[:1]))
+    choice = inverter.plan(pipe, settings, 2, max_device_memory=budget_gib)
+    assert (choice.rows, choice.remat, choice.fits) == (1, "none", True)
+    split = inverter.invert(pipe, images, prompts, settings, max_device_memory=budget_gib)
+    whole = inverter.invert(pipe, images, prompts, settings, remat="none")
+    assert len(split) == len(whole) == 2
+    for a, b in zip(split, whole):
+        assert a.prompts == b.prompts
+        assert rel_err(a.pivots, b.pivots) <= 1e-5  # float32 rounding differs between calls of 1 and 2 rows
+    lib = nti_jax.invert(pipe, images, prompts, settings, max_device_memory=budget_gib)
+    assert rel_err(lib.pivots, np.concatenate([np.asarray(b.pivots) for b in whole])) <= 1e-5
