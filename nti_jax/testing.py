@@ -46,6 +46,22 @@ UNET_SD2 = dict(
     flip_sin_to_cos=False,
     layers_per_block=1,
 )
+# SDXL's layout in miniature: no attention at the top level, two transformer layers in the
+# next, linear projections, and the "text_time" added conditioning (pooled 32 + 6 ids x 8).
+UNET_XL = dict(
+    UNET_SD1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    cross_attention_dim=64,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+)
 VAE_TINY = dict(
     sample_size=64,
     in_channels=3,

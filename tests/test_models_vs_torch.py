@@ -46,6 +46,30 @@ def test_unet_matches_diffusers(kind, dtype, tol, tmp_path):
     assert rel_err(ours, want.permute(0, 2, 3, 1).numpy()) <= tol
 
 
+def test_sdxl_shaped_unet_with_text_time_conditioning_matches_diffusers(tmp_path):
+    """SDXL's UNet is a config of the same model: no attention at the top level, per-block
+    transformer depth, and the pooled text + time ids added to the time embedding."""
+    cfg = testing.UNET_XL
+    ref = testing.tiny_unet(cfg, seed=4)
+    module = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config)))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    t = np.array([961, 41])
+    ctx = rng.standard_normal((2, 77, 64)).astype(np.float32)
+    pooled = rng.standard_normal((2, 32)).astype(np.float32)
+    ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1024, 16, 0, 1024, 1024]], np.float32)
+    params = load_params(ref, tmp_path, "diffusion_pytorch_model", module, x, t, ctx, None, (pooled, ids))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ctx),
+                   added_cond_kwargs={"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(ids)}).sample
+    ours = jax.jit(module.apply)({"params": params}, x, t, ctx, None, (pooled, ids))
+    assert rel_err(ours, want.permute(0, 2, 3, 1).numpy()) <= 1e-4
+    other = jax.jit(module.apply)({"params": params}, x, t, ctx, None, (pooled, ids[::-1]))
+    assert rel_err(other, ours) > 1e-3  # the time ids reach the output
+    with pytest.raises(ValueError, match="added conditioning"):
+        module.apply({"params": params}, x, t, ctx)
+
+
 def test_unet_hook_path_equals_fused_path_and_sees_every_layer(tmp_path):
     ref = testing.tiny_unet(testing.UNET_SD1, seed=2)
     module = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config)))

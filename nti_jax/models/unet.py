@@ -51,7 +51,6 @@ def _per_block(value: Any, n: int) -> tuple:
 # Config keys whose non-default values change the architecture in ways this model does not have.
 _UNSUPPORTED = {
     "class_embed_type": None,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "time_cond_proj_dim": None,
     "resnet_time_scale_shift": "default",
@@ -97,10 +96,17 @@ class UNetConfig:
     # upcast_attention needs no separate code path; it is kept for the record.
     upcast_attention: bool = False
     sample_size: int = 64
+    # SDXL's added conditioning ("text_time"): pooled text embeddings and the six size/crop
+    # numbers, each through `addition_time_embed_dim` sinusoids, projected into the time embedding.
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 0
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "UNetConfig":
         bad = {k: cfg[k] for k, v in _UNSUPPORTED.items() if k in cfg and cfg[k] != v}
+        if cfg.get("addition_embed_type") not in (None, "text_time"):
+            bad["addition_embed_type"] = cfg["addition_embed_type"]
         if bad:
             raise ValueError(f"unsupported UNet config settings: {bad}")
         n = len(cfg["block_out_channels"])
@@ -127,6 +133,9 @@ class UNetConfig:
             use_linear_projection=bool(cfg.get("use_linear_projection", False)),
             upcast_attention=bool(cfg.get("upcast_attention", False)),
             sample_size=cfg.get("sample_size", 64),
+            addition_embed_type=cfg.get("addition_embed_type"),
+            addition_time_embed_dim=cfg.get("addition_time_embed_dim") or 256,
+            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim") or 0,
         )
 
 
@@ -193,7 +202,9 @@ class Transformer2D(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """eps (or v) = unet(latents NHWC, timesteps (B,), text context (B, L, D), hook).
+    """eps (or v) = unet(latents NHWC, timesteps (B,), text context (B, L, D), hook, added), where
+    `added` is SDXL's (pooled text embeddings (B, P), time ids (B, 6)) when the config has
+    `addition_embed_type="text_time"`.
 
     `remat` (one of REMAT_MODES) changes what a gradient through the UNet keeps, not its result.
     """
@@ -209,6 +220,7 @@ class UNet2DConditionModel(nn.Module):
         timesteps: jax.Array,
         context: jax.Array,
         hook: Optional[AttentionHook] = None,
+        added: Optional[tuple[jax.Array, jax.Array]] = None,
     ) -> jax.Array:
         cfg, dt = self.config, self.dtype
         resnet, transformer = remat_block(ResnetBlock2D, self.remat), remat_block(Transformer2D, self.remat, (3,))
@@ -229,6 +241,14 @@ class UNet2DConditionModel(nn.Module):
         temb = timestep_embedding(t, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dt)
         temb = nn.Dense(4 * c0, dtype=dt, name="time_embedding.linear_1")(temb)
         temb = nn.Dense(4 * c0, dtype=dt, name="time_embedding.linear_2")(nn.silu(temb))
+        if cfg.addition_embed_type == "text_time":
+            if added is None:
+                raise ValueError("this UNet takes SDXL's added conditioning: (pooled text embeddings, time ids)")
+            pooled, time_ids = added
+            ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+            aug = jnp.concatenate([pooled.astype(jnp.float32), ids.reshape(pooled.shape[0], -1)], axis=-1).astype(dt)
+            aug = nn.Dense(4 * c0, dtype=dt, name="add_embedding.linear_1")(aug)
+            temb = temb + nn.Dense(4 * c0, dtype=dt, name="add_embedding.linear_2")(nn.silu(aug))
 
         x = conv(c0, 3, "conv_in", dt)(sample)
         skips = [x]
