@@ -328,13 +328,17 @@ def param_bytes(model: Denoiser) -> int:
     return sum(a.size * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(model.params))
 
 
+def check_remat(remat: str) -> None:
+    if remat != "auto" and remat not in REMAT_MODES:
+        raise ValueError(f"remat must be auto or one of {', '.join(REMAT_MODES)}, got {remat!r}")
+
+
 def plan_program(model: Denoiser, method: str, remat: str, batch: int, lower: Callable[[int, str], Any], key: tuple,
                  max_device_memory: Optional[float] = None, latent: Sequence[int] = (), context: Sequence[int] = ()) -> planning.Choice:
     """Remat mode and rows per call for `batch` images per device, from the compiled candidates
     (`planning.choose`): every mode for null-text under "auto", else the one given ("none" for
     the methods with no gradient). The gradient's residual bytes order the candidates."""
-    if remat != "auto" and remat not in REMAT_MODES:
-        raise ValueError(f"remat must be auto or one of {', '.join(REMAT_MODES)}, got {remat!r}")
+    check_remat(remat)
     modes = ("none",) if method != "null-text" else REMAT_MODES if remat == "auto" else (remat,)
     budget = planning.budget_bytes(max_device_memory, param_bytes(model))
     estimate = None
@@ -429,6 +433,7 @@ def invert(
     pixels = [load_image(im, pipe.image_size, crop) for im in images]
     inputs = prepare_inputs(pipe, pixels, prompts, settings)
     model = Denoiser.of(pipe)
+    check_remat(remat)
     if remat != "auto" and max_device_memory is None:
         out = invert_program(model, inputs, method=settings.method, progress=progress, remat=remat)
         return assemble(pipe, settings, prompts, inputs.cond, inputs.sched.timesteps, out)

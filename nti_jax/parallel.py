@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import planning
 from .inversion import (
-    BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, abstract_inputs, assemble, invert_core, plan_program, prepare_inputs,
+    BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, abstract_inputs, assemble, check_remat, invert_core, plan_program, prepare_inputs,
 )
 from .planning import pad_rows
 from .pipeline import Pipeline
@@ -278,6 +278,7 @@ class ShardedInverter:
         if len(images) != len(prompts) or not images:
             raise ValueError(f"{len(images)} images and {len(prompts)} prompts")
         model, replicas = self._setup(pipe)
+        check_remat(remat)
         per = -(-len(images) // self.num_devices)
         if remat == "auto" or max_device_memory is not None:
             choice = self.plan(pipe, settings, per, progress, remat, max_device_memory)

@@ -130,6 +130,26 @@ def test_text_encoder_matches_transformers(act, dtype, tol, tmp_path):
     assert rel_err(jax.jit(module.apply)({"params": params}, ids), want) <= tol
 
 
+@pytest.mark.parametrize("eos", [2, 49407])  # transformers' legacy pooling rule, and the explicit id
+def test_sdxl_text_outputs_match_transformers(eos, tmp_path):
+    """SDXL's reading of its two encoders: penultimate hidden states, and the end-of-text token
+    through text_projection (CLIPTextModelWithProjection)."""
+    from transformers import CLIPTextConfig as TorchConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(6)
+    ref = CLIPTextModelWithProjection(TorchConfig(**dict(testing.TEXT_TINY, eos_token_id=eos, projection_dim=24))).eval()
+    testing.perturb_(ref, 6)
+    module = CLIPTextModel(CLIPTextConfig.from_transformers(ref.config.to_dict()), outputs="sdxl")
+    ids = np.full((2, 77), 49407, np.int32)
+    ids[:, 0], ids[0, 1:6], ids[1, 1:3] = 49406, [320, 1929, 530, 518, 2866], [320, 1615]  # bos, words, eos + padding
+    params = load_params(ref, tmp_path, "model", module, ids)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids).long(), output_hidden_states=True)
+    penultimate, pooled = jax.jit(module.apply)({"params": params}, ids)
+    assert rel_err(penultimate, want.hidden_states[-2].numpy()) <= 1e-5
+    assert rel_err(pooled, want.text_embeds.numpy()) <= 1e-5
+
+
 def test_conversion_round_trips_exactly(tmp_path):
     ref = testing.tiny_unet(testing.UNET_SD2, seed=5)
     ref.save_pretrained(tmp_path)

@@ -1,8 +1,11 @@
-"""transformers' CLIPTextModel (causal text transformer + final layer norm) in Flax."""
+"""transformers' CLIPTextModel (causal text transformer + final layer norm) in Flax, and
+CLIPTextModelWithProjection's outputs as SDXL reads them (penultimate hidden states, and the
+projected hidden state of the end-of-text token)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -27,6 +30,8 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    eos_token_id: int = 2  # 2: transformers' legacy rule, the end-of-text token is the largest id
+    projection_dim: Optional[int] = None  # CLIPTextModelWithProjection's text_projection (no bias)
 
     @classmethod
     def from_transformers(cls, cfg: dict) -> "CLIPTextConfig":
@@ -59,32 +64,54 @@ class EncoderLayer(nn.Module):
         return x + dense(d, "mlp.fc2")(h)
 
 
+class TextOutputs(NamedTuple):
+    last: jax.Array  # (B, L, D) after the final layer norm (SD 1.x/2.x's prompt embeddings)
+    penultimate: jax.Array  # (B, L, D) the input of the last layer (SDXL's)
+    pooled: jax.Array  # (B, D) the final-normed end-of-text token
+
+
 class CLIPTextTransformer(nn.Module):
-    """token ids (B, L) -> last hidden state after the final layer norm (B, L, D), float32."""
+    """token ids (B, L) -> `TextOutputs`, float32."""
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array) -> TextOutputs:
         cfg, dt = self.config, self.dtype
         n = input_ids.shape[1]
         tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, name="embeddings.token_embedding")
         pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dt, name="embeddings.position_embedding")
         x = tok(input_ids) + pos(jnp.arange(n))[None]
         mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
+        penultimate = x
         for i in range(cfg.num_hidden_layers):
+            penultimate = x
             x = EncoderLayer(cfg, dt, name=f"encoder.layers.{i}")(x, mask)
         x = LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="final_layer_norm")(x)
-        return x.astype(jnp.float32)
+        if cfg.eos_token_id == 2:
+            eos = jnp.argmax(input_ids, axis=-1)
+        else:
+            eos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
+        pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
+        return TextOutputs(x.astype(jnp.float32), penultimate.astype(jnp.float32), pooled)
 
 
 class CLIPTextModel(nn.Module):
-    """Wraps the transformer under `text_model`, matching transformers' state-dict names."""
+    """Wraps the transformer under `text_model`, matching transformers' state-dict names: the
+    last hidden state (B, L, D), or with `outputs="sdxl"` (penultimate hidden state (B, L, D),
+    pooled (B, P)), the pooled state through `text_projection` when the config has one."""
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    outputs: str = "last"  # "last" | "sdxl"
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        return CLIPTextTransformer(self.config, self.dtype, name="text_model")(input_ids)
+    def __call__(self, input_ids: jax.Array):
+        out = CLIPTextTransformer(self.config, self.dtype, name="text_model")(input_ids)
+        if self.outputs == "last":
+            return out.last
+        pooled = out.pooled
+        if self.config.projection_dim:
+            pooled = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+        return out.penultimate, pooled.astype(jnp.float32)
