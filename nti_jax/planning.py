@@ -54,15 +54,23 @@ def free_bytes(device=None) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+_FREE_AT_FIRST_PLAN: dict = {}  # device -> its free bytes when a program was first planned for it
+
+
 def budget_bytes(max_device_memory: Optional[float], resident_bytes: int = 0, device=None) -> int:
     """The bytes a program may use per device: `max_device_memory` GiB when given, else the free
     memory plus `resident_bytes` (arguments already on the device, the weights, which XLA's
-    analysis counts again)."""
+    analysis counts again). The free memory is read once per device and process, so the
+    results that later batches leave on the device never make one batch choose a different
+    program than the last (and compile it)."""
     if max_device_memory is not None:
         if not max_device_memory > 0:
             raise ValueError(f"max_device_memory must be a positive number of GiB, got {max_device_memory!r}")
         return int(max_device_memory * GIB)
-    return free_bytes(device) + resident_bytes
+    device = device or jax.local_devices()[0]
+    if device not in _FREE_AT_FIRST_PLAN:
+        _FREE_AT_FIRST_PLAN[device] = free_bytes(device) + resident_bytes
+    return _FREE_AT_FIRST_PLAN[device]
 
 
 def candidates(batch: int, modes: Sequence[str], estimate: Optional[Callable[[int, str], int]] = None,
@@ -129,3 +137,4 @@ def clear_cache() -> None:
     """Forget every analysis and executable (tests)."""
     _ANALYSED.clear()
     _EXECUTABLES.clear()
+    _FREE_AT_FIRST_PLAN.clear()

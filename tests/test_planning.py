@@ -83,9 +83,12 @@ def test_analyses_are_cached_and_nothing_fitting_runs_the_leanest_with_a_warning
     assert (choice.rows, choice.remat, choice.fits) == (1, "full", False)
 
 
-def test_budget_from_the_flag_or_the_free_memory():
+def test_budget_from_the_flag_or_the_free_memory_read_once(fresh, monkeypatch):
     assert planning.budget_bytes(1.5) == int(1.5 * 2**30)
-    assert planning.budget_bytes(None, resident_bytes=7) - 7 > 0
+    monkeypatch.setattr(planning, "free_bytes", lambda device=None: 1000)
+    assert planning.budget_bytes(None, resident_bytes=7) == 1007
+    monkeypatch.setattr(planning, "free_bytes", lambda device=None: 10)  # later batches' results on the device
+    assert planning.budget_bytes(None, resident_bytes=7) == 1007
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="positive number of GiB"):
             planning.budget_bytes(bad)
