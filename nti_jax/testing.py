@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Any
 
 from .toy import config as toy_config
 
@@ -127,9 +128,10 @@ def save_sd_folder(folder: str, unet, vae, text_encoder, scheduler: dict = SD1_S
     return folder
 
 
-def make_tiny_sd(folder: str, kind: str = "sd1", seed: int = 0) -> str:
-    """A complete tiny random SD folder: `sd1` (conv proj, eps) or `sd2` (linear proj, v-pred)."""
-    unet_cfg = UNET_SD1 if kind == "sd1" else UNET_SD2
+def make_tiny_sd(folder: str, kind: str = "sd1", seed: int = 0, **unet: Any) -> str:
+    """A complete tiny random SD folder: `sd1` (conv proj, eps) or `sd2` (linear proj, v-pred);
+    `unet`: UNet config fields to override (e.g. sample_size)."""
+    unet_cfg = dict(UNET_SD1 if kind == "sd1" else UNET_SD2, **unet)
     text_cfg = dict(TEXT_TINY, hidden_size=unet_cfg["cross_attention_dim"])
     sched = dict(SD1_SCHEDULER, prediction_type="epsilon" if kind == "sd1" else "v_prediction")
     if kind == "sd2":
