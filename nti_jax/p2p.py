@@ -38,7 +38,6 @@ from .controllers import (  # noqa: F401  (the public names stay importable from
     window,
 )
 from .errors import NtiError, PromptError
-from .heatmaps import save_attention_grid, token_labels  # noqa: F401  (public here as before)
 from .inversion import Inversion
 from .models import AttentionPlace
 from .pipeline import Pipeline

@@ -10,11 +10,14 @@ import os
 import shutil
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from .toy import config as toy_config
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "toy", "model", "tokenizer")
 
-SD1_SCHEDULER = toy_config.SCHEDULER  # SD 1.x DDIM settings (ALGORITHM.md), shared with the toy model
+SD1_SCHEDULER = toy_config.SCHEDULER  # SD 1.x's DDIM settings (tests/test_schedule.py), shared with the toy model
 
 UNET_SD1 = dict(
     sample_size=16,
@@ -137,6 +140,18 @@ def make_tiny_sd(folder: str, kind: str = "sd1", seed: int = 0, **unet: Any) -> 
     if kind == "sd2":
         text_cfg["hidden_act"] = "gelu"
     return save_sd_folder(folder, tiny_unet(unet_cfg, seed), tiny_vae(seed=seed), tiny_text_encoder(text_cfg, seed), sched)
+
+
+@jax.jit
+def _unet_call(model, x, t, context):
+    return model(x, t, context)
+
+
+def unet_output(pipe, latents, timestep, context) -> jax.Array:
+    """The pipeline's raw UNet output (eps or v) for NHWC `latents`, one jitted call (tests)."""
+    from .sampling import Denoiser
+
+    return _unet_call(Denoiser.of(pipe), jnp.asarray(latents, jnp.float32), jnp.asarray(timestep), jnp.asarray(context, jnp.float32))
 
 
 def rel_err(ours, ref) -> float:
