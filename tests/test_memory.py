@@ -23,6 +23,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 PROMPT = "a red circle on a blue background"
 
 
+@pytest.mark.slow
 def test_context_gradient_matches_torch_autograd_in_every_remat_mode(folder, pipe):
     """d sum(unet(x, t, c)^2) / dc against torch autograd of the diffusers UNet, per mode."""
     from diffusers import UNet2DConditionModel as TorchUNet
@@ -105,6 +106,7 @@ def test_bf16_weights_are_stored_in_bf16_with_the_same_results(folder):
                                   np.asarray(text(nti_jax.load_pipeline(folder).params["text_encoder"])))
 
 
+@pytest.mark.slow
 def test_inversion_with_remat_equals_without(pipe):
     img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     kw = dict(num_steps=4, num_inner_steps=3, early_stop_epsilon=-1.0)
@@ -121,6 +123,7 @@ def test_inversion_with_remat_equals_without(pipe):
         nti_jax.invert(pipe, img, PROMPT, remat="some", **kw)
 
 
+@pytest.mark.slow
 def test_choose_remat_takes_the_fastest_mode_that_fits(pipe):
     model = Denoiser.of(pipe)
     need = {m: inversion.REMAT_HEADROOM * inversion.gradient_residual_bytes(model, 4, (16, 16, 4), (77, 32), m) for m in REMAT_MODES}
@@ -159,6 +162,7 @@ def test_device_bench_dry_run(tmp_path):
     assert all(r["s_per_image"] > 0 for r in rows) and all(r["remat"] in REMAT_MODES for r in rows[:2])
 
 
+@pytest.mark.slow
 def test_bf16_null_text_reconstructs_within_0p3_db_of_float32():
     """Issue 13's bf16 quality target on three held-out toy images that a batch-of-two sampler
     loses 1.1-1.2 dB on in bf16: sampling must replay the optimisation's own UNet calls."""

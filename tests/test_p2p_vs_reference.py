@@ -23,6 +23,8 @@ from nti_jax.inversion import Inversion
 from nti_jax.sampling import model_schedule
 from nti_jax.settings import InvertSettings
 
+pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
+
 SRC = "a red circle on a blue background"
 SWAP = "a green circle on a blue background"
 ADD = "a big red circle on a blue background"
@@ -241,7 +243,6 @@ def test_toy_model_colour_swap_with_blend(toy):
     partial_mask(out["blend"])
 
 
-@pytest.mark.slow
 def test_pie_bench_setup_at_a_64_latent_with_negative_controls(sd64):
     # run_editing_p2p.py: Refine, Reweight x2 on the target blended word, LocalBlend on the blended
     # words, cross 0.4, self 0.6; self-attention replaced at 32 x 32 and below (the original's 32 ** 2)

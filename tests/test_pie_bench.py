@@ -310,6 +310,7 @@ def test_pie_bench_cli_bad_arguments(tmp_path, capsys):
     assert len(err) == 2 and "mapping_file.json" in err[0] and "--pie-types goes with --pie-bench" in err[1]
 
 
+@pytest.mark.slow
 def test_toy_pie_bench_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("NTI_JAX_CACHE_DIR", str(tmp_path / "jax-cache"))
     data = pie_layout.build_toy_pie_bench(str(tmp_path / "data"), 1, seed=1, types=("0", "1", "6", "8"))

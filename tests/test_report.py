@@ -146,6 +146,7 @@ class Parsed(html.parser.HTMLParser):
             self._texts[-1].append(data)
 
 
+@pytest.mark.slow
 def test_report_html(out, results, page):
     text = open(page, encoding="utf-8").read()
     doc = Parsed(text)
@@ -414,6 +415,7 @@ def _expected_order(results: list[dict], key: str, field: str) -> tuple[list[str
     return [str(r["index"]) for r in asc] + rest, [str(r["index"]) for r in desc] + rest
 
 
+@pytest.mark.slow
 def test_report_in_browser(out, results, page, tmp_path):
     shot = os.path.join(out, "report.png")
     t0 = time.time()
@@ -434,6 +436,7 @@ def test_report_in_browser(out, results, page, tmp_path):
     print(f"browser check {seconds:.1f} s; screenshot {shot}")
 
 
+@pytest.mark.slow
 def test_browser_check_catches_faults(out, page, tmp_path):
     """The same check on broken copies of the report: a deleted image, a script that throws."""
     missing = tmp_path / "missing"
@@ -452,6 +455,7 @@ def test_browser_check_catches_faults(out, page, tmp_path):
     assert [e for e in got["errors"] if "boom" in e], got["errors"]
 
 
+@pytest.mark.slow
 def test_report_many_rows(out, tmp_path):
     """400 images: the page renders in well under a second, loads its images lazily (few at
     first, all once scrolled to), and sorts 400 rows by PSNR as Python does."""
@@ -485,6 +489,7 @@ def test_report_many_rows(out, tmp_path):
     print(f"{n} rows: report {render_s:.2f} s, browser {browser_s:.1f} s, {got['loaded_at_first']} images loaded before scrolling")
 
 
+@pytest.mark.slow
 def test_report_other_states(out, tmp_path):
     """What the CLI writes in rarer cases: a rerun's skipped row, an image whose inversion was
     kept but whose edit failed, and a multi-host run whose per-process results were not merged."""
