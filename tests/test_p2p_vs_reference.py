@@ -4,9 +4,12 @@ Each case runs `nti_jax.p2p.edit_latents` and the oracle from the same inversion
 embeddings) and compares the final latents and the stored cross-attention maps at 1e-4 relative.
 Inversions are built directly (random pivots, a perturbed "" embedding as phi): the edit does
 not care how they were found, and a real `invert` would cost a compile per model. The cases
-cover each controller, LocalBlend with and without substruct_words, each inversion method and
-each edit-time guidance on tiny SD 1.x (epsilon) and SD 2.x (v-prediction) models and the shipped
-toy model; the compiled programs they need are kept few (each new static setting compiles once).
+cover each controller (nested Reweight too), LocalBlend with and without substruct_words, each
+inversion method and each edit-time guidance on tiny SD 1.x (epsilon) and SD 2.x (v-prediction)
+models and the shipped toy model, plus PIE-Bench's own set-up on a 64 x 64 latent, three prompts
+and per-word windows (issue 22). Those newer cases run negative controls: the same edit with one
+setting a step off must miss the oracle by more than the tolerance. The compiled programs they
+need are kept few (each new static setting compiles once; windows and thresholds are arrays).
 """
 
 import jax.numpy as jnp
