@@ -12,7 +12,7 @@ import pytest
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from nti_jax import load_pipeline, pie_bench, testing
+from nti_jax import cli, load_pipeline, pie_bench, testing
 from nti_jax.sampling import model_schedule
 from nti_jax.schedule import ddim_schedule
 
@@ -49,8 +49,8 @@ def test_the_harness_samples_981_to_1(harness_schedule):
 
 
 def test_the_library_and_the_pie_bench_path_pin_the_harness_schedule(harness_schedule, tmp_path):
-    steps = pie_bench.RUN_SETTINGS["steps"]
-    assert steps == 50
+    steps = cli.settings_from_args(cli.build_parser().parse_args(["--pie-bench", "PIE-Bench_v1"])).num_steps
+    assert steps == pie_bench.RUN_SETTINGS["steps"] == 50  # what --pie-bench runs, the harness's 50
     pipe = load_pipeline(testing.make_tiny_sd(str(tmp_path / "sd"), "sd1"))
     ts, a_t, a_prev = harness_schedule
     for got in (model_schedule(pipe, steps), ddim_schedule(SD14_SCHEDULER, steps)):  # the library; --pie-bench on SD 1.4
