@@ -45,6 +45,7 @@ def test_identity_edits_reproduce_the_reconstruction(pipe, inv, recon):
     np.testing.assert_allclose(rw[1], out[0], atol=BATCH_TOL)
 
 
+@pytest.mark.slow
 def test_source_row_of_a_batch_of_three_is_the_reconstruction(pipe, inv, recon):
     out = nti_jax.edit(pipe, inv, ["a green circle on a blue background", "a red square on a blue background"])
     assert out.shape == (3, 64, 64, 3)
@@ -52,6 +53,7 @@ def test_source_row_of_a_batch_of_three_is_the_reconstruction(pipe, inv, recon):
     assert np.abs(out[1] - recon).max() > 1e-3  # the targets did change
 
 
+@pytest.mark.slow
 def test_one_compile_per_prompt_batch_shape(pipe, inv):
     nti_jax.edit(pipe, inv, ["a blue circle on a blue background"], controller=nti_jax.Replace())
     before = p2p._edit_program._cache_size()
@@ -119,6 +121,7 @@ def test_controller_closed_forms():
     np.testing.assert_array_equal(np.asarray(p2p._edit_cond(small, arr, 0, sp, self_place)), np.asarray(sp))
 
 
+@pytest.mark.slow
 def test_prompt_errors_name_the_problem(pipe, inv):
     with pytest.raises(PromptError, match="a big red circle"):
         nti_jax.edit(pipe, inv, ["a big red circle on a blue background"], controller=nti_jax.Replace())
@@ -134,6 +137,7 @@ def test_prompt_errors_name_the_problem(pipe, inv):
         nti_jax.edit(pipe, inv, [""])
 
 
+@pytest.mark.slow
 def test_refine_and_settings(pipe, inv, recon):
     ctrl = p2p.controller_from_settings(SRC, ["a big red circle on a blue background"], {"kind": "auto"})
     assert isinstance(ctrl, nti_jax.Refine)
