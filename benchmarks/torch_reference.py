@@ -1,7 +1,10 @@
 """PyTorch reference for Null-text Inversion (the oracle and the speed baseline).
 
-A re-statement of ``/work/shared/ALGORITHM.md`` in the style of the authors' notebook
-``null_text_w_ptp.ipynb`` (google/prompt-to-prompt): a diffusers ``UNet2DConditionModel``,
+Null-text Inversion as the paper states it (Mokady et al., "Null-text Inversion for Editing
+Real Images using Guided Diffusion Models", CVPR 2023, Algorithm 1) and as the authors'
+notebook ``null_text_w_ptp.ipynb`` (google/prompt-to-prompt, class ``NullInversion``:
+``next_step``, ``prev_step``, ``ddim_loop``, ``null_optimization``) runs it, in that notebook's
+style: a diffusers ``UNet2DConditionModel``,
 ``torch.optim.Adam``, a ``.item()``-based early stop and the per-step latent update done with a
 batch of two ([phi_t, C] concatenated) exactly as the notebook's ``get_noise_pred`` does.
 
@@ -21,7 +24,7 @@ Conventions
 * The UNet is called with a 0-d int64 timestep tensor, as the notebook does with
   ``scheduler.timesteps[i]``.
 
-Semantics decided where the notebook / ALGORITHM.md leave room (see also the function docs)
+Semantics decided where the notebook and the paper leave room (see also the function docs)
 -----------------------------------------------------------------------------------------
 * Stride ``s = num_train_timesteps // num_steps`` (integer division, as the notebook and
   diffusers); ``alpha(t) = alphas_cumprod[t]`` for ``t >= 0`` else ``final_alpha_cumprod``.
@@ -488,8 +491,9 @@ def invert_image(
 ) -> dict:
     """Full notebook-style null-text inversion of one (already square, e.g. :func:`load_512`) image.
 
-    ``scheduler_config`` defaults to the SD 1.x DDIM config of the notebook (the schedule from
-    ALGORITHM.md); pass the model's own ``scheduler_config.json`` dict for SD 2.x etc.
+    ``scheduler_config`` defaults to the SD 1.x DDIM config of the notebook (``SD_DDIM_CONFIG``,
+    981 ... 1 after diffusers' pipeline sets its offset to 1); pass the model's own
+    ``scheduler_config.json`` dict for SD 2.x etc.
 
     Returns ``x_T``, ``null_embeddings`` (list of T), ``pivots``, ``z0``, ``cond_emb``,
     ``uncond_emb``, ``inner_iterations``, ``final_losses`` and ``timings`` (seconds: ``encode``,

@@ -30,15 +30,23 @@ class LocalBlend:
 @dataclasses.dataclass(frozen=True)
 class Proximal:
     """ProxEdit's proximal guidance (Han et al. 2023): the guidance delta eps_c - eps_u is shrunk by
-    its `quantile` over the batch (`norm` "l0" as PIE-Bench runs it, or "l1"), and at timesteps below
-    `recon_t` each latent is pulled toward the inversion's pivot by `recon_lr` wherever the shrunk
-    delta is small (its mask dilated by `dilate` latent pixels)."""
+    its `quantile` over the batch (`norm` "l0" as PIE-Bench runs it, or "l1"; a `quantile` <= 0 is
+    ProxEdit's fixed threshold -quantile), and at timesteps below `recon_t` each latent is pulled
+    toward the inversion's pivot by `recon_lr` wherever the shrunk delta is small (its mask dilated
+    by `dilate` latent pixels). ValueError on settings the original cannot run."""
 
     norm: str = "l0"
     quantile: float = 0.75
     recon_lr: float = 1.0
     recon_t: int = 400
     dilate: int = 1
+
+    def __post_init__(self) -> None:
+        q = self.quantile
+        if self.norm not in ("l0", "l1") or isinstance(q, bool) or not isinstance(q, (int, float)) or not (math.isfinite(q) and q <= 1) \
+                or isinstance(self.dilate, bool) or not isinstance(self.dilate, int) or self.dilate < 0:
+            raise ValueError(f"proximal guidance needs norm l0|l1, a finite quantile <= 1 (<= 0: the fixed threshold -quantile) "
+                             f"and an integer dilate >= 0; got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +76,10 @@ class Refine(Replace):
 @dataclasses.dataclass(frozen=True)
 class Reweight(Replace):
     """Scale chosen tokens' cross-attention (e.g. {"red": 3.0}) on top of `base`, or alone: then the
-    source maps are scaled position by position, as the original (prompts of any word count)."""
+    source maps are scaled position by position, as the original (prompts of any word count).
+    A `base` that is itself a Reweight composes as the original's AttentionReweight chain: the
+    innermost geometry, then every equalizer (innermost first); only this outer controller's
+    windows, blend and guidance apply."""
 
     equalizer: Mapping[str, float] = dataclasses.field(default_factory=dict)
     base: Replace | None = None
@@ -128,11 +139,12 @@ def _check_ranges(settings: Mapping[str, Any]) -> None:
 
 
 def _proximal(settings: Mapping[str, Any]) -> Proximal:
-    p = Proximal(settings.get("prox_norm", "l0"), float(settings.get("prox_quantile", 0.75)),
-                 float(settings.get("recon_lr", 1.0)), int(settings.get("recon_t", 400)), int(settings.get("prox_dilate", 1)))
-    if p.norm not in ("l0", "l1") or not 0.0 < p.quantile < 1.0 or p.dilate < 0:
-        raise ValueError(f"proximal guidance needs prox_norm l0|l1, 0 < prox_quantile < 1, prox_dilate >= 0; got {p}")
-    return p
+    try:
+        return Proximal(settings.get("prox_norm", "l0"), float(settings.get("prox_quantile", 0.75)),
+                        float(settings.get("recon_lr", 1.0)), int(settings.get("recon_t", 400)), int(settings.get("prox_dilate", 1)))
+    except ValueError:
+        raise ValueError("proximal guidance needs prox_norm l0|l1, a finite prox_quantile <= 1 (<= 0: the fixed threshold "
+                         f"-prox_quantile) and prox_dilate >= 0; got {dict(settings)}") from None
 
 
 def controller_from_settings(source: str, targets: Sequence[str], settings: Mapping[str, Any]) -> Controller:

@@ -10,8 +10,6 @@ import numpy as np
 from .io import atomic_path, to_uint8
 
 if TYPE_CHECKING:
-    from .controllers import Controller
-    from .inversion import Inversion
     from .pipeline import Pipeline
 
 
@@ -59,23 +57,3 @@ def attention_sheet(pipe: Pipeline, prompts: Sequence[str], images, maps: np.nda
         y += r.shape[0]
     return grid
 
-
-def write_attention_png(pipe: Pipeline, inv: Inversion, path: str, target: str | None = None, *,
-                        controller: Controller | None = None, images: np.ndarray | None = None, cell: int = 96) -> None:
-    """One PNG of heat maps for an inverted image (one row: the source prompt's tokens over the
-    reconstruction) or, with `target`, for an edit (two rows: source, then the target's edited maps
-    over the edited image). `images`: the edit's (or reconstruction's) images if already made."""
-    from PIL import Image
-
-    from . import p2p
-
-    prompts = [inv.prompts[0]] + ([target] if target is not None else [])
-    maps = p2p.attention_maps(pipe, inv, prompts[1:], controller=controller)  # (R, s, s, L)
-    if images is None:
-        images = p2p.edit(pipe, inv, prompts[1:], controller=controller) if target is not None else None
-    if images is None:
-        from .sampling import reconstruct
-
-        images = np.asarray(reconstruct(pipe, inv)[0])
-    with atomic_path(path) as tmp:
-        Image.fromarray(attention_sheet(pipe, prompts, images, maps, cell)).save(tmp, format="PNG")

@@ -38,7 +38,6 @@ from .controllers import (  # noqa: F401  (the public names stay importable from
     window,
 )
 from .errors import NtiError, PromptError
-from .heatmaps import save_attention_grid, token_labels  # noqa: F401  (public here as before)
 from .inversion import Inversion
 from .models import AttentionPlace
 from .pipeline import Pipeline
@@ -119,12 +118,21 @@ def _word_alpha(prompts: Sequence[str], words: Words, tok, L: int, what: str) ->
     return alpha
 
 
+def _reweight_chain(controller: Controller) -> tuple[Controller | None, list[Reweight]]:
+    """(the geometry: the innermost non-Reweight base, None if there is none; the Reweights, outermost
+    first), as the original's AttentionReweight calls its prev_controller's replace_cross_attention."""
+    chain = []
+    while isinstance(controller, Reweight):
+        chain.append(controller)
+        controller = controller.base
+    return controller, chain
+
+
 def _mapper(pipe: Pipeline, controller: Controller, source: str, targets: Sequence[str]) -> tuple[str, np.ndarray, np.ndarray]:
     """(kind, mapper, refine_alphas) of the controller's geometry."""
     tok, L, n = pipe.tokenizer, pipe.max_tokens, len(targets)
-    reweight = isinstance(controller, Reweight)
-    geometry = controller.base if reweight and controller.base is not None else controller
-    if reweight and controller.base is None:  # the original scales the source maps position by position
+    geometry, _ = _reweight_chain(controller)
+    if geometry is None:  # the original scales the source maps position by position
         return "replace", np.broadcast_to(np.eye(L, dtype=np.float32), (n, L, L)), np.ones((n, L), np.float32)
     if isinstance(geometry, Refine):
         return ("refine",) + sa.refinement_mapper(source, targets, tok, L)
@@ -141,7 +149,7 @@ def _controller_words(controller: Controller, n_prompts: int) -> list[tuple[int,
     for lists in (blend.words, blend.substruct_words or []) if blend is not None else ():
         for r, words in enumerate(lists):
             out += [(r, w) for w in ([words] if isinstance(words, str) else words)]
-    named = dict(getattr(controller, "equalizer", {}) or {})
+    named = {w: None for rw in _reweight_chain(controller)[1] for w in rw.equalizer}
     if isinstance(controller.cross_replace_steps, Mapping):
         named.update({w: None for w in controller.cross_replace_steps if w != "default_"})
     return out + [(r, w) for w in named for r in range(1, n_prompts)]
@@ -176,8 +184,8 @@ def compile_controller(
     n = len(targets)
     kind, mapper, refine_alphas = _mapper(pipe, controller, source, targets)
     eq = np.ones((n, L), np.float32)
-    if isinstance(controller, Reweight):
-        eq = np.stack([sa.equalizer(t, controller.equalizer, tok, L) for t in targets])
+    for rw in _reweight_chain(controller)[1]:
+        eq = eq * np.stack([sa.equalizer(t, rw.equalizer, tok, L) for t in targets])
     blend, prox = controller.blend, controller.proximal
     blend_alpha = sub_alpha = np.zeros((n + 1, L), np.float32)
     if blend is not None:
@@ -257,11 +265,13 @@ def _blend_mask(static: _Static, arr: _Arrays, maps: jax.Array, latent: int) -> 
     return mask[..., None]
 
 
-def _proximal_step(static: _Static, arr: _Arrays, eps_u, eps_c, t, guidance):
-    """ProxEdit: (guided eps with the shrunk delta, per-element weight of the pull toward the pivot)."""
+def _proximal_step(static: _Static, arr: _Arrays, eps_u, eps_c, t, guidance, unit):
+    """ProxEdit: (guided eps with the shrunk delta, per-element weight of the pull toward the pivot).
+    `unit`: eps per unit of the model's raw output delta (sqrt(alpha_t) for v-prediction, else 1), so
+    a fixed threshold is in the raw output's units, as upstream applies it."""
     quantile, recon_lr, recon_t = arr.prox[0], arr.prox[1], arr.prox[2]
     delta = eps_c - eps_u
-    th = jnp.quantile(jnp.abs(delta), quantile)
+    th = jnp.where(quantile > 0, jnp.quantile(jnp.abs(delta), jnp.clip(quantile, 0.0, 1.0)), -quantile * unit)
     delta = delta - jnp.clip(delta, -th, th)
     if static.prox == "l1":  # as written upstream: a second shrink by th, then back by th if it crossed 0
         delta = jnp.where(delta > 0, delta - th, delta)
@@ -323,7 +333,8 @@ def _edit_program(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: 
         eps_u, eps_c = jnp.split(model.eps(xx, t, a_t, jnp.concatenate([_uncond(static, inputs, k), cond]), hook), 2)
         pivot = pivots[n - 1 - k]
         if edit and static.prox:
-            eps, pull = _proximal_step(static, arr, eps_u, eps_c, t, guidance)
+            unit = jnp.sqrt(a_t) if model.prediction_type == "v_prediction" else 1.0
+            eps, pull = _proximal_step(static, arr, eps_u, eps_c, t, guidance, unit)
         else:
             eps, pull = guide(eps_u, eps_c, guidance), None
         x = denoise_step(eps, x, a_t, a_prev)

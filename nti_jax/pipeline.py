@@ -54,11 +54,6 @@ def _decode_latents(vae: AutoencoderKL, scaling: float, params, latents):
     return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
 
 
-@partial(jax.jit, static_argnums=0)
-def _predict_noise(unet: UNet2DConditionModel, params, latents, timesteps, context):
-    return unet.apply({"params": params}, latents, timesteps, context)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pipeline:
     """Stable Diffusion for inversion and editing. Arrays are NHWC. Params are float32, except
@@ -138,10 +133,6 @@ class Pipeline:
     def decode_latents(self, latents) -> jax.Array:
         """Latents (B, h, w, C) -> float images in [0, 1], (B, H, W, 3)."""
         return _decode_latents(self.vae, self.scaling_factor, self.params["vae"], jnp.asarray(latents))
-
-    def predict_noise(self, latents, timestep, text_emb) -> jax.Array:
-        """The UNet's output (eps or v, as `scheduler_config['prediction_type']` says), float32."""
-        return _predict_noise(self.unet, self.params["unet"], jnp.asarray(latents), jnp.asarray(timestep), jnp.asarray(text_emb))
 
 
 def resolve_model(model: str) -> str:

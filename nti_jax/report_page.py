@@ -18,6 +18,7 @@ table.kv th{text-align:left;font-weight:600;padding:2px 12px 2px 0;vertical-alig
 table.kv td{padding:2px 0;word-break:break-all}
 #summary{font-size:16px;margin:10px 0}
 .facts{display:flex;flex-wrap:wrap;gap:0 40px}
+#run{max-width:720px}
 .st{display:inline-block;padding:1px 6px;border-radius:4px;font-size:12px;background:#ddd}
 .st.done{background:#cfe9cf}.st.skipped{background:#dde6f3}.st.failed{background:#f6c9c9}.st.pending{background:#f3e5bf}
 .problems li{margin:2px 0}
@@ -44,6 +45,7 @@ img.att{width:auto;max-width:384px;height:auto;margin-top:4px}
 .edits{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;max-width:200px}
 figcaption{font-size:12px}
+details.maps summary{font-size:12px;color:#555;cursor:pointer;white-space:nowrap}
 """
 
 # Sorting by a header's data-key (the rows' data-* values): click once ascending, again
@@ -145,6 +147,10 @@ class Page:
             f'<a href="{src}" target="_blank"><img src="{src}" alt="{esc(alt)}"{dims}{cls_attr}'
             ' loading="lazy" decoding="async"></a>'
         )
+
+    def maps(self, path: Optional[str], alt: str) -> str:
+        """An attention heat map behind a toggle ("" without one), so edits stay in view."""
+        return f'<details class="maps"><summary>attention</summary>{self.img(path, alt, "att")}</details>' if path else ""
 
     def file(self, folder: Optional[str], name: str) -> Optional[str]:
         """The path of the plain file `name` in `folder`, if both exist."""

@@ -22,8 +22,8 @@ HEAD_CELLS = (  # (data-key, data-type, label) of the table's columns; the proce
     ("seconds", "num", "seconds"),
     ("", "", "input"),
     ("", "", "reconstruction"),
-    ("", "", "attention"),
     ("", "", "edits"),
+    ("", "", "attention"),
 )
 
 
@@ -175,7 +175,7 @@ def _recon_html(page: Page, r: _Row, rec: Optional[str]) -> str:
 
 
 def _edit_figures(page: Page, r: _Row) -> str:
-    """One <figure> per edit: the image (or what is missing), its attention map, prompt and settings."""
+    """One <figure> per edit: the image (or what is missing), its attention map behind a toggle, prompt and settings."""
     figs = []
     for k, e in enumerate(_edits(r.row, r.metrics)):
         f = page.file(r.folder, e["file"])
@@ -185,9 +185,7 @@ def _edit_figures(page: Page, r: _Row) -> str:
             cap += f'<div class="small">{esc(settings)}</div>'
         cap += "</figcaption>"
         body = page.img(f, f"edit {k + 1} {r.name}") if f else f'<div class="none">missing: {esc(e["file"])}</div>'
-        ea = page.file(r.folder, "attention-" + e["file"])
-        if ea:
-            body += page.img(ea, f"attention edit {k + 1} {r.name}", "att")
+        body += page.maps(page.file(r.folder, "attention-" + e["file"]), f"attention edit {k + 1} {r.name}")
         figs.append(f"<figure>{body}{cap}</figure>")
     return "".join(figs)
 
@@ -206,15 +204,14 @@ def _row_html(page: Page, row: dict, multi: bool) -> str:
     if multi:
         cells.append(f'<td class="num">{esc(row.get("process", ""))}</td>')
     input_cell = page.img(inp, f"input {r.name}") if inp else '<span class="none">no input saved</span>'
-    att_cell = page.img(att, f"attention {r.name}", "att") if att else ""
     cells += [
         f'<td class="num">{esc(db(r.psnr))}</td>',
         f'<td class="num">{esc(db(r.vae))}</td>',
         f'<td class="num">{_timing_html(r)}</td>',
         f"<td>{input_cell}</td>",
         f"<td>{_recon_html(page, r, rec)}</td>",
-        f"<td>{att_cell}</td>",
         f'<td><div class="edits">{_edit_figures(page, r)}</div></td>',
+        f"<td>{page.maps(att, f'attention {r.name}')}</td>",
     ]
     data = (
         f' id="row-{esc(r.index)}" data-index="{esc(r.index)}" data-name="{esc(r.name)}" data-status="{esc(r.status)}"'

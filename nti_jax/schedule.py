@@ -1,5 +1,7 @@
-"""DDIM (eta = 0) in float32: timesteps and alphas from a diffusers scheduler config, and the
-denoise / inversion steps of ALGORITHM.md, for epsilon and v-prediction models."""
+"""DDIM (eta = 0) in float32: timesteps and alphas from a diffusers scheduler config (as diffusers'
+DDIMScheduler.set_timesteps), and the denoise / inversion steps of Null-text Inversion (Mokady et
+al. 2023; the notebook's ``prev_step`` / ``next_step`` in
+google/prompt-to-prompt ``null_text_w_ptp.ipynb``), for epsilon and v-prediction models."""
 
 from __future__ import annotations
 

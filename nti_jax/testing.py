@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 from .toy import config as toy_config
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "toy", "model", "tokenizer")
 
-SD1_SCHEDULER = toy_config.SCHEDULER  # SD 1.x DDIM settings (ALGORITHM.md), shared with the toy model
+SD1_SCHEDULER = toy_config.SCHEDULER  # SD 1.x's DDIM settings (tests/test_schedule.py), shared with the toy model
 
 UNET_SD1 = dict(
     sample_size=16,
@@ -143,14 +147,27 @@ def save_sd_folder(folder: str, unet, vae, text_encoder, scheduler: dict = SD1_S
     return folder
 
 
-def make_tiny_sd(folder: str, kind: str = "sd1", seed: int = 0) -> str:
-    """A complete tiny random SD folder: `sd1` (conv proj, eps) or `sd2` (linear proj, v-pred)."""
-    unet_cfg = UNET_SD1 if kind == "sd1" else UNET_SD2
+def make_tiny_sd(folder: str, kind: str = "sd1", seed: int = 0, **unet: Any) -> str:
+    """A complete tiny random SD folder: `sd1` (conv proj, eps) or `sd2` (linear proj, v-pred);
+    `unet`: UNet config fields to override (e.g. sample_size)."""
+    unet_cfg = dict(UNET_SD1 if kind == "sd1" else UNET_SD2, **unet)
     text_cfg = dict(TEXT_TINY, hidden_size=unet_cfg["cross_attention_dim"])
     sched = dict(SD1_SCHEDULER, prediction_type="epsilon" if kind == "sd1" else "v_prediction")
     if kind == "sd2":
         text_cfg["hidden_act"] = "gelu"
     return save_sd_folder(folder, tiny_unet(unet_cfg, seed), tiny_vae(seed=seed), tiny_text_encoder(text_cfg, seed), sched)
+
+
+@jax.jit
+def _unet_call(model, x, t, context):
+    return model(x, t, context)
+
+
+def unet_output(pipe, latents, timestep, context) -> jax.Array:
+    """The pipeline's raw UNet output (eps or v) for NHWC `latents`, one jitted call (tests)."""
+    from .sampling import Denoiser
+
+    return _unet_call(Denoiser.of(pipe), jnp.asarray(latents, jnp.float32), jnp.asarray(timestep), jnp.asarray(context, jnp.float32))
 
 
 def rel_err(ours, ref) -> float:

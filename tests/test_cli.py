@@ -149,6 +149,7 @@ def test_script_bad_model_is_one_line_no_traceback(tmp_path, cache_dir):
     assert q.returncode == 0 and "--manifest" in q.stdout and "--batch-size" in q.stdout
 
 
+@pytest.mark.slow
 def test_no_argument_run(model, tmp_path, monkeypatch, capsys):
     """`python scripts/invert.py` alone: the bundled samples, inverted and edited into ./outputs
     (here the default model is the tiny one and the defaults are the fast settings)."""
@@ -178,6 +179,7 @@ def test_no_argument_run(model, tmp_path, monkeypatch, capsys):
     assert [r["status"] for r in rows(out)] == ["skipped"] * len(samples)
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_recorded_and_rerun_skips_finished(model, six, tmp_path, capsys):
     (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
     manifest = tmp_path / "m.jsonl"
@@ -205,6 +207,7 @@ def test_corrupt_image_is_recorded_and_rerun_skips_finished(model, six, tmp_path
     assert [r["status"] for r in rows(tmp_path / "out")] == ["done", "failed", "done"]
 
 
+@pytest.mark.slow
 def test_failed_edit_keeps_the_inversion_and_a_rerun_only_edits(model, six, tmp_path):
     manifest = tmp_path / "m.jsonl"
     src = "a blue square on a purple background"
@@ -227,6 +230,7 @@ def test_failed_edit_keeps_the_inversion_and_a_rerun_only_edits(model, six, tmp_
     assert (tmp_path / "out" / "img0" / row["edits"][0]).is_file()
 
 
+@pytest.mark.slow
 def test_nan_is_recorded_as_a_failure(model, six, tmp_path, monkeypatch):
     real = cli.settings_from_args
     monkeypatch.setattr(cli, "settings_from_args", lambda args: testing.unchecked(real(args), guidance_scale=float("nan")))
@@ -239,6 +243,7 @@ def test_nan_is_recorded_as_a_failure(model, six, tmp_path, monkeypatch):
     assert not (out / "img2" / "inversion.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_finished_batches(model, six, tmp_path, monkeypatch):
     """Ctrl-C loses at most the batch in flight; the rerun does only what is left."""
     real = driver.Driver.run_batch
@@ -259,6 +264,7 @@ def test_interrupt_keeps_finished_batches(model, six, tmp_path, monkeypatch):
     assert [r["status"] for r in rows(tmp_path / "out")] == ["skipped", "skipped", "done", "done"]
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device(single, six, model, null, tmp_path, cache_dir):
     """6 images over 4 devices (2 per device: one batch of 8 rows, 2 of them padding) equal the
     single-device run (3 batches of 2)."""
@@ -278,6 +284,7 @@ def test_four_devices_equal_one_device(single, six, model, null, tmp_path, cache
     assert_same_inversions(str(single), str(out), [r["name"] for r in a], null)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(single, six, model, null, tmp_path, cache_dir):
     """Two processes through jax.distributed on CPU (coordinator on 127.0.0.1): each inverts
     every other image, process 0 merges results.jsonl; the same results as one process."""

@@ -189,6 +189,7 @@ def image_cases(folder) -> dict:
     return cases
 
 
+@pytest.mark.slow
 def test_bad_images_one_run(model, pipe, tmp_path, monkeypatch, capsys):
     """RGBA, LA, palette, 16-bit, CMYK, EXIF-rotated and very wide images are read as documented
     in nti_jax.io (each input.png against its expected pixels); 1x1, cropped-away, truncated, empty,
@@ -273,6 +274,7 @@ def prompt_run(model, tmp_path_factory):
     return rc, err_file.read_text(), {r["name"]: r for r in rows(out)}, out
 
 
+@pytest.mark.slow
 def test_bad_prompts_one_run(prompt_run, pipe):
     """Empty and blank captions fail before the inversion; an over-long caption is inverted cut to
     77 tokens with the warning in results.jsonl and metrics.json; non-ASCII captions work; an edit
@@ -308,6 +310,7 @@ def test_bad_prompts_one_run(prompt_run, pipe):
     assert np.asarray(arrays.blend_alpha).sum(axis=1).min() >= 1
 
 
+@pytest.mark.slow
 def test_edit_of_a_word_cut_off_names_the_word(prompt_run):
     """Issue 14: "edits whose words were cut off get a clear edit error naming the word"."""
     _, _, got, _ = prompt_run
@@ -518,6 +521,7 @@ def test_bad_models(kind, words, model, tmp_path, monkeypatch, capsys):
 # runs: a folder holding another image's work, kill -9, SIGTERM, a full disk
 
 
+@pytest.mark.slow
 def test_folder_of_another_image_is_never_overwritten(model, scenes, tmp_path, capsys):
     out = tmp_path / "out"
     a = write_manifest(tmp_path / "a.jsonl", [{"image": str(scenes / "img0.png"), "prompt": "a shape", "name": "x"}])
@@ -567,6 +571,7 @@ def rerun_keeps_finished(model, scenes, out, capsys) -> None:
     assert finished(out, names) == before
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun(model, scenes, cache_dir, tmp_path, capsys):
     out = tmp_path / "out"
     proc = run_until_first_image(model, scenes, out, cache_dir, tmp_path)
@@ -575,6 +580,7 @@ def test_kill_9_then_rerun(model, scenes, cache_dir, tmp_path, capsys):
     rerun_keeps_finished(model, scenes, out, capsys)
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun(model, scenes, cache_dir, tmp_path, capsys):
     """SIGTERM stops the run as Ctrl-C does: exit 130, results.jsonl with the rest pending."""
     out = tmp_path / "out"
@@ -626,6 +632,7 @@ def full_disk(path, kind: str):
         signal.signal(signal.SIGXFSZ, old)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tmpfs", "fsize"])
 def test_disk_full(kind, model, scenes, tmp_path, capsys):
     """A disk that fills up (a full tmpfs: ENOSPC; a file-size limit: EFBIG): the image being

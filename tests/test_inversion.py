@@ -11,6 +11,8 @@ from nti_jax import inversion, testing
 from nti_jax.testing import rel_err as rel
 from nti_jax.errors import ImageError, PromptError
 
+pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
+
 PROMPT = "a red circle on a blue background"
 
 

@@ -23,6 +23,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 PROMPT = "a red circle on a blue background"
 
 
+@pytest.mark.slow
 def test_context_gradient_matches_torch_autograd_in_every_remat_mode(folder, pipe):
     """d sum(unet(x, t, c)^2) / dc against torch autograd of the diffusers UNet, per mode."""
     from diffusers import UNet2DConditionModel as TorchUNet
@@ -105,6 +106,7 @@ def test_bf16_weights_are_stored_in_bf16_with_the_same_results(folder):
                                   np.asarray(text(nti_jax.load_pipeline(folder).params["text_encoder"])))
 
 
+@pytest.mark.slow
 def test_inversion_with_remat_equals_without(pipe):
     img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     kw = dict(num_steps=4, num_inner_steps=3, early_stop_epsilon=-1.0)
@@ -137,6 +139,7 @@ def test_memory_point_on_a_tiny_model():
     assert row["arguments_gib"] * memory.GIB >= params and row["temporaries_gib"] > 0
 
 
+@pytest.mark.slow
 def test_device_bench_dry_run(tmp_path):
     """benchmarks/device_bench.sh on the tiny model: every dry-run point returns its figures, the
     compile from the persistent cache is a hit, and the profile table names operations."""
@@ -158,6 +161,7 @@ def test_device_bench_dry_run(tmp_path):
     assert "| bf16-b1 | bfloat16 | 1 |" in res.stdout and "Top device operations, bf16-b1" in res.stdout
 
 
+@pytest.mark.slow
 def test_bf16_null_text_reconstructs_within_0p3_db_of_float32():
     """Issue 13's bf16 quality target on three held-out toy images that a batch-of-two sampler
     loses 1.1-1.2 dB on in bf16: sampling must replay the optimisation's own UNet calls."""

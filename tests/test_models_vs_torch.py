@@ -46,6 +46,7 @@ def test_unet_matches_diffusers(kind, dtype, tol, tmp_path):
     assert rel_err(ours, want.permute(0, 2, 3, 1).numpy()) <= tol
 
 
+@pytest.mark.slow
 def test_sdxl_shaped_unet_with_text_time_conditioning_matches_diffusers(tmp_path):
     """SDXL's UNet is a config of the same model: no attention at the top level, per-block
     transformer depth, and the pooled text + time ids added to the time embedding."""

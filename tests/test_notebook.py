@@ -5,6 +5,7 @@ import os
 import re
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +21,7 @@ def test_notebook_is_stored_without_outputs():
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_notebook_runs(tmp_path, monkeypatch):
     for var in ("NTI_MODEL", "NTI_IMAGE", "NTI_PROMPT"):
         monkeypatch.delenv(var, raising=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax import p2p, testing
+from nti_jax import heatmaps, p2p, testing
 from nti_jax.errors import PromptError
 
 SRC = "a red circle on a blue background"
@@ -35,6 +35,7 @@ def recon(pipe, inv):
     return np.asarray(nti_jax.reconstruct(pipe, inv)[0][0])
 
 
+@pytest.mark.slow
 def test_identity_edits_reproduce_the_reconstruction(pipe, inv, recon):
     out = nti_jax.edit(pipe, inv, [SRC], controller=nti_jax.Replace())
     assert out.shape == (2, 64, 64, 3)
@@ -44,6 +45,7 @@ def test_identity_edits_reproduce_the_reconstruction(pipe, inv, recon):
     np.testing.assert_allclose(rw[1], out[0], atol=BATCH_TOL)
 
 
+@pytest.mark.slow
 def test_source_row_of_a_batch_of_three_is_the_reconstruction(pipe, inv, recon):
     out = nti_jax.edit(pipe, inv, ["a green circle on a blue background", "a red square on a blue background"])
     assert out.shape == (3, 64, 64, 3)
@@ -51,6 +53,7 @@ def test_source_row_of_a_batch_of_three_is_the_reconstruction(pipe, inv, recon):
     assert np.abs(out[1] - recon).max() > 1e-3  # the targets did change
 
 
+@pytest.mark.slow
 def test_one_compile_per_prompt_batch_shape(pipe, inv):
     nti_jax.edit(pipe, inv, ["a blue circle on a blue background"], controller=nti_jax.Replace())
     before = p2p._edit_program._cache_size()
@@ -59,6 +62,7 @@ def test_one_compile_per_prompt_batch_shape(pipe, inv):
     assert p2p._edit_program._cache_size() == before
 
 
+@pytest.mark.slow
 def test_local_blend_keeps_the_source_outside_the_mask(pipe, inv):
     target = "a green circle on a blue background"
     cond = jnp.concatenate([inv.cond_embeddings, pipe.encode_prompt([target])])
@@ -117,6 +121,7 @@ def test_controller_closed_forms():
     np.testing.assert_array_equal(np.asarray(p2p._edit_cond(small, arr, 0, sp, self_place)), np.asarray(sp))
 
 
+@pytest.mark.slow
 def test_prompt_errors_name_the_problem(pipe, inv):
     with pytest.raises(PromptError, match="a big red circle"):
         nti_jax.edit(pipe, inv, ["a big red circle on a blue background"], controller=nti_jax.Replace())
@@ -132,6 +137,7 @@ def test_prompt_errors_name_the_problem(pipe, inv):
         nti_jax.edit(pipe, inv, [""])
 
 
+@pytest.mark.slow
 def test_refine_and_settings(pipe, inv, recon):
     ctrl = p2p.controller_from_settings(SRC, ["a big red circle on a blue background"], {"kind": "auto"})
     assert isinstance(ctrl, nti_jax.Refine)
@@ -143,15 +149,16 @@ def test_refine_and_settings(pipe, inv, recon):
         p2p.controller_from_settings(SRC, [SRC], {"colour": 1})
 
 
+@pytest.mark.slow
 def test_attention_maps_and_grid(pipe, inv, tmp_path):
     maps = nti_jax.attention_maps(pipe, inv)
     assert maps.shape == (1, 8, 8, 77)
     np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-4)  # softmax rows, averaged
-    labels = p2p.token_labels(pipe, SRC)
+    labels = heatmaps.token_labels(pipe, SRC)
     assert labels[1:3] == ["a", "red"]
     img = np.asarray(nti_jax.reconstruct(pipe, inv)[0][0])
     path = str(tmp_path / "maps.png")
-    p2p.save_attention_grid(img, maps[0], labels, path)
+    heatmaps.save_attention_grid(img, maps[0], labels, path)
     assert os.path.getsize(path) > 1000
 
 
@@ -170,6 +177,16 @@ def test_edit_settings_guidance_and_errors():
         p2p.controller_from_settings(SRC, tgt, {"guidance": "proximal", "prox_quantile": 1.5})
 
 
+def test_proximal_is_checked_where_it_is_built():
+    # issue 22: the library refuses what ProxEdit cannot run; quantile <= 0 is its fixed threshold
+    for bad in ({"quantile": 1.5}, {"quantile": float("nan")}, {"norm": "l2"}, {"dilate": -1}, {"dilate": 1.5}):
+        with pytest.raises(ValueError, match="proximal guidance needs"):
+            p2p.Proximal(**bad)
+    assert p2p.Proximal(quantile=-0.1).quantile == -0.1 and p2p.Proximal(quantile=1.0).quantile == 1.0
+    c = p2p.controller_from_settings(SRC, [SRC], {"guidance": "proximal", "prox_quantile": -0.05})
+    assert c.proximal == p2p.Proximal(quantile=-0.05)
+
+
 def test_blend_and_mapping_errors_name_the_problem(pipe):
     tgt = ["a green circle on a blue background"]
     with pytest.raises(PromptError, match="substruct_words needs one word list per prompt"):
@@ -185,18 +202,16 @@ def test_blend_and_mapping_errors_name_the_problem(pipe):
     np.testing.assert_array_equal(np.asarray(arr.mapper)[0], np.eye(77))
 
 
-def test_attention_png_for_an_edit(pipe, inv, tmp_path):
-    from nti_jax import heatmaps
-
-    path = str(tmp_path / "attention.png")
-    heatmaps.write_attention_png(pipe, inv, path, "a green circle on a blue background", controller=nti_jax.Replace())
-    from PIL import Image
-
-    img = np.asarray(Image.open(path))
-    n_src, n_tgt = len(p2p.token_labels(pipe, SRC)), len(p2p.token_labels(pipe, "a green circle on a blue background"))
+@pytest.mark.slow
+def test_attention_sheet_for_an_edit(pipe, inv):
+    tgt = "a green circle on a blue background"
+    maps = p2p.attention_maps(pipe, inv, [tgt], controller=nti_jax.Replace())
+    img = heatmaps.attention_sheet(pipe, [SRC, tgt], p2p.edit(pipe, inv, [tgt], controller=nti_jax.Replace()), maps)
+    n_src, n_tgt = len(heatmaps.token_labels(pipe, SRC)), len(heatmaps.token_labels(pipe, tgt))
     assert img.shape == (2 * (96 + 16), 96 * max(n_src, n_tgt), 3)
 
 
+@pytest.mark.slow
 def test_the_edit_hook_sees_only_layers_it_edits_or_stores(pipe, inv, monkeypatch):
     """Self-attention above the replacement limit (latent/2 squared queries, the original's 32x32
     at 512 px) runs fused, with no probabilities; every cross layer and small self layer is

@@ -4,9 +4,12 @@ Each case runs `nti_jax.p2p.edit_latents` and the oracle from the same inversion
 embeddings) and compares the final latents and the stored cross-attention maps at 1e-4 relative.
 Inversions are built directly (random pivots, a perturbed "" embedding as phi): the edit does
 not care how they were found, and a real `invert` would cost a compile per model. The cases
-cover each controller, LocalBlend with and without substruct_words, each inversion method and
-each edit-time guidance on tiny SD 1.x (epsilon) and SD 2.x (v-prediction) models and the shipped
-toy model; the compiled programs they need are kept few (each new static setting compiles once).
+cover each controller (nested Reweight too), LocalBlend with and without substruct_words, each
+inversion method and each edit-time guidance on tiny SD 1.x (epsilon) and SD 2.x (v-prediction)
+models and the shipped toy model, plus PIE-Bench's own set-up on a 64 x 64 latent, three prompts
+and per-word windows (issue 22). Those newer cases run negative controls: the same edit with one
+setting a step off must miss the oracle by more than the tolerance. The compiled programs they
+need are kept few (each new static setting compiles once; windows and thresholds are arrays).
 """
 
 import jax.numpy as jnp
@@ -17,11 +20,13 @@ import torch
 import nti_jax
 from benchmarks import p2p_reference as ref
 from benchmarks import torch_reference as tr
-from nti_jax import p2p, seq_aligner, testing
+from nti_jax import p2p, pie_bench, seq_aligner, testing
 from nti_jax.errors import PromptError
 from nti_jax.inversion import Inversion
 from nti_jax.sampling import model_schedule
 from nti_jax.settings import InvertSettings
+
+pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
 
 SRC = "a red circle on a blue background"
 SWAP = "a green circle on a blue background"
@@ -41,6 +46,7 @@ class Case:
         self.pipe = nti_jax.load_pipeline(folder)
         self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
         self.T = steps
+        self.stores = {}  # the oracle's AttentionStore of SRC alone, per inversion method (`threshold`)
         self.latent = self.pipe.unet.config.sample_size
         self.res = ref.blend_resolution(self.unet, self.latent)
         self.sched = tr.DDIMSchedule(self.pipe.scheduler_config, steps)
@@ -77,17 +83,18 @@ class Case:
                          for r in range(len(prompts))])
         return z.permute(0, 2, 3, 1).numpy(), maps
 
-    def controller(self, prompts, replace=True, eq=None, blend=None, sub=None, th=(0.3, 0.3), cross=0.8, self_=0.4):
+    def controller(self, prompts, replace=True, eq=None, blend=None, sub=None, th=(0.3, 0.3), cross=0.8, self_=0.4, max_self_queries=None):
         return ref.make_controller(list(prompts), replace, cross, self_, blend, eq, tokenizer=self.pipe.tokenizer,
                                    num_steps=self.T, res=self.res, latent_size=(self.latent, self.latent),
-                                   max_self_queries=(self.latent // 2) ** 2, substruct_words=sub, th=th)
+                                   max_self_queries=max_self_queries or (self.latent // 2) ** 2, substruct_words=sub, th=th)
 
     def threshold(self, word: str, q: float = 0.5, method: str = "null-text") -> float:
         """A LocalBlend threshold that cuts the source row's pooled, normalised map of `word` near
         its q-quantile, at the widest gap between values (so float noise cannot flip a pixel)."""
-        store = ref.AttentionStore()
-        self.oracle(method, [SRC], store)
-        m = ref.aggregate_attention(store, [SRC], self.res, ("up", "down"), True, 0)
+        if method not in self.stores:
+            self.stores[method] = ref.AttentionStore()
+            self.oracle(method, [SRC], self.stores[method])
+        m = ref.aggregate_attention(self.stores[method], [SRC], self.res, ("up", "down"), True, 0)
         m = m[..., ref.get_word_inds(SRC, word, self.pipe.tokenizer)].sum(-1)[None, None]
         m = torch.nn.functional.max_pool2d(m, 3, 1, 1).flatten()
         v = np.sort((m / m.max()).numpy())
@@ -107,18 +114,36 @@ def sd2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sd64(tmp_path_factory):
+    """SD's geometry at 512 px: a 64 x 64 latent, attention down at 64, 32 and 16 and up at 16 and
+    32 (LocalBlend at 16, self-attention at 64 not replaced); one head and no up-block attention at
+    64, so the 64 x 64 self-attention costs seconds."""
+    folder = testing.make_tiny_sd(str(tmp_path_factory.mktemp("sd64")), "sd1", seed=7, sample_size=64,
+                                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                  block_out_channels=(8, 16, 16, 16), layers_per_block=1, attention_head_dim=1)
+    return Case(folder, steps=4, seed=3)
+
+
+@pytest.fixture(scope="module")
 def toy():
     return Case("nti_jax/toy/model", steps=10, seed=2)
 
 
-def check(case: Case, method: str, prompts, ours, theirs, **kw) -> dict:
-    """Run both; assert latents and maps agree; return the oracle controller's blend for more checks."""
+def check(case: Case, method: str, prompts, ours, theirs, controls=(), **kw) -> dict:
+    """Run both; assert latents and maps agree; return the oracle controller's blend for more checks.
+    `controls`: negative controls, each `ours` with one setting off by a step or a threshold moved;
+    each must miss the oracle by more than TOL, so the test could see an error that small."""
     z, maps = p2p.edit_latents(case.pipe, case.inversion(method), list(prompts[1:]), controller=ours)
     z_ref, maps_ref = case.oracle(method, prompts, theirs, **kw)
     assert np.asarray(z).shape == z_ref.shape and np.asarray(maps).shape == maps_ref.shape
     assert rel(z, z_ref) <= TOL, rel(z, z_ref)
     assert rel(maps, maps_ref) <= TOL, rel(maps, maps_ref)
-    assert rel(z[1], z[0]) > 1e-3  # the target row was edited
+    for r in range(1, len(prompts)):
+        assert rel(z[r], z[0]) > 1e-3  # every target row was edited
+    for bad in controls:
+        z_bad, maps_bad = p2p.edit_latents(case.pipe, case.inversion(method), list(prompts[1:]), controller=bad)
+        assert max(rel(z_bad, z_ref), rel(maps_bad, maps_ref)) > TOL, f"the negative control {bad} passed"
     return {"z": np.asarray(z), "maps": np.asarray(maps), "blend": theirs.local_blend}
 
 
@@ -204,10 +229,12 @@ def test_sd2_v_prediction_refine_with_blend(sd2):  # Refine on SD 1.x: the same 
     partial_mask(out["blend"])
 
 
-def test_sd2_direct_with_l1_proximal_guidance(sd2):
-    prox = nti_jax.p2p.Proximal(norm="l1", quantile=0.6, recon_lr=0.5, recon_t=700, dilate=0)
-    check(sd2, "direct", [SRC, SWAP], nti_jax.Replace(proximal=prox), sd2.controller([SRC, SWAP]),
-          prox={"prox": "l1", "quantile": 0.6, "recon_lr": 0.5, "recon_t": 700, "dilate_mask": 0})
+def test_sd2_direct_with_l1_proximal_guidance_and_a_fixed_threshold(sd2):
+    for q, moved in ((0.6, 0.65), (-0.02, -0.025)):  # q <= 0: ProxEdit's fixed threshold -q
+        prox = nti_jax.p2p.Proximal(norm="l1", quantile=q, recon_lr=0.5, recon_t=700, dilate=0)
+        bad = nti_jax.Replace(proximal=nti_jax.p2p.Proximal(norm="l1", quantile=moved, recon_lr=0.5, recon_t=700, dilate=0))
+        check(sd2, "direct", [SRC, SWAP], nti_jax.Replace(proximal=prox), sd2.controller([SRC, SWAP]), [bad],
+              prox={"prox": "l1", "quantile": q, "recon_lr": 0.5, "recon_t": 700, "dilate_mask": 0})
 
 
 def test_toy_model_colour_swap_with_blend(toy):
@@ -217,3 +244,44 @@ def test_toy_model_colour_swap_with_blend(toy):
     ours = nti_jax.Replace(blend=nti_jax.LocalBlend([["red"], ["green"]], threshold=th))
     out = check(toy, "null-text", [SRC, SWAP], ours, toy.controller([SRC, SWAP], blend=[["red"], ["green"]], th=(th, th)))
     partial_mask(out["blend"])
+
+
+def test_pie_bench_setup_at_a_64_latent_with_negative_controls(sd64):
+    # run_editing_p2p.py: Refine, Reweight x2 on the target blended word, LocalBlend on the blended
+    # words, cross 0.4, self 0.6; self-attention replaced at 32 x 32 and below (the original's 32 ** 2)
+    src, tgt = "a red circle on a blue background", "a [big green square] on a blue background"
+    settings = dict(pie_bench.edit_settings(src, tgt, "circle square"), blend_threshold=sd64.threshold("circle"))
+    tgt = pie_bench.strip_brackets(tgt)
+    ours = p2p.controller_from_settings(src, [tgt], settings)
+    assert isinstance(ours, nti_jax.Reweight) and isinstance(ours.base, nti_jax.Refine)
+    th = settings["blend_threshold"]
+    theirs = sd64.controller([src, tgt], replace=False, eq={"words": ("square",), "values": (2,)}, blend=(("circle",), ("square",)),
+                             th=(th, th), cross=0.4, self_=0.6, max_self_queries=32**2)
+    bad = lambda **kw: p2p.controller_from_settings(src, [tgt], dict(settings, **kw))
+    # the self window a step longer, the threshold moved, self-attention replaced at 64 x 64 too
+    controls = [bad(self_replace_steps=0.8), bad(blend_threshold=sd64.threshold("circle", 0.75)), bad(max_self_size=64)]
+    out = check(sd64, "null-text", [src, tgt], ours, theirs, controls)
+    partial_mask(out["blend"])
+
+
+def test_three_prompts_with_per_word_windows_and_negative_controls(sd1):
+    third = "a yellow circle on a blue background"
+    prompts, th = [SRC, SWAP, third], sd1.threshold("circle")
+    cross = {"default_": 0.8, "green": (0.2, 0.6), "yellow": (0.4, 1.0)}  # windows in steps (7 bounds for 6 steps): 5, 1-4, 2-7
+    blend = nti_jax.LocalBlend([["circle"]] * 3, threshold=th)
+    ours = nti_jax.Replace(cross_replace_steps=cross, blend=blend)
+    theirs = sd1.controller(prompts, blend=[["circle"]] * 3, th=(th, th), cross=dict(cross))
+    controls = [nti_jax.Replace(cross_replace_steps=dict(cross, green=(0.35, 0.6)), blend=blend),  # green's window a step later
+                nti_jax.Replace(cross_replace_steps=dict(cross, default_=0.95), blend=blend)]  # the default window a step longer
+    out = check(sd1, "null-text", prompts, ours, theirs, controls)
+    assert 0.0 < float(out["blend"].last_mask[2].mean()) < 1.0
+
+
+def test_nested_reweight_composes_as_the_original(sd1):
+    inner = nti_jax.Reweight(equalizer={"circle": 0.5}, base=nti_jax.Replace())
+    ours = nti_jax.Reweight(equalizer={"green": 3.0}, base=inner)
+    tok, common = sd1.pipe.tokenizer, {"tokenizer": sd1.pipe.tokenizer, "max_self_queries": (sd1.latent // 2) ** 2}
+    theirs = ref.AttentionReplace([SRC, SWAP], sd1.T, 0.8, 0.4, **common)
+    for word, value in (("circle", 0.5), ("green", 3.0)):
+        theirs = ref.AttentionReweight([SRC, SWAP], sd1.T, 0.8, 0.4, ref.get_equalizer(SWAP, (word,), (value,), tok), controller=theirs, **common)
+    check(sd1, "negative-prompt", [SRC, SWAP], ours, theirs, [nti_jax.Reweight(equalizer={"green": 3.0}, base=nti_jax.Replace())])

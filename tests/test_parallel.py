@@ -32,6 +32,7 @@ def images():
     return list(np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
 
 
+@pytest.mark.slow
 def test_sharded_program_equals_invert(pipe, images):
     """On one device the shard_map-wrapped core computes what `nti_jax.invert` computes, and a
     second batch of the same shape reuses the compiled program."""

@@ -54,7 +54,7 @@ def test_pipeline_operations_match_torch(sd1_folder, pipe):
     assert rel_err(lat, want_lat.permute(0, 2, 3, 1).numpy()) <= 1e-4
     img = pipe.decode_latents(want_lat.permute(0, 2, 3, 1).numpy())
     assert img.shape == (2, 64, 64, 3) and rel_err(img, want_img.permute(0, 2, 3, 1).numpy()) <= 1e-4
-    eps = pipe.predict_noise(want_lat.permute(0, 2, 3, 1).numpy(), 501, want_emb)
+    eps = testing.unet_output(pipe, want_lat.permute(0, 2, 3, 1).numpy(), 501, want_emb)
     assert rel_err(eps, want_eps.permute(0, 2, 3, 1).numpy()) <= 1e-4
     assert pipe.image_size == 64 and pipe.scheduler_config["prediction_type"] == "epsilon"
 
@@ -62,7 +62,6 @@ def test_pipeline_operations_match_torch(sd1_folder, pipe):
 def test_second_call_does_not_recompile(pipe):
     rng = np.random.default_rng(1)
     calls = [
-        (pl._predict_noise, lambda: pipe.predict_noise(rng.standard_normal((1, 16, 16, 4)), 11, rng.standard_normal((1, 77, 32)))),
         (pl._encode_image, lambda: pipe.encode_image(rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8))),
         (pl._decode_latents, lambda: pipe.decode_latents(rng.standard_normal((1, 16, 16, 4)))),
         (pl._encode_prompt, lambda: pipe.encode_prompt(["a blue square"])),
@@ -74,6 +73,7 @@ def test_second_call_does_not_recompile(pipe):
         assert fn._cache_size() == before
 
 
+@pytest.mark.slow
 def test_bfloat16_pipeline_close_to_float32(sd1_folder, pipe):
     bf = nti_jax.load_pipeline(sd1_folder, dtype="bfloat16")
     assert bf.dtype == "bfloat16"
@@ -83,7 +83,7 @@ def test_bfloat16_pipeline_close_to_float32(sd1_folder, pipe):
     assert bf.params["vae"]["decoder"]["conv_in"]["kernel"].dtype == np.float32
     rng = np.random.default_rng(2)
     x, ctx = rng.standard_normal((1, 16, 16, 4)), rng.standard_normal((1, 77, 32))
-    assert rel_err(bf.predict_noise(x, 300, ctx), pipe.predict_noise(x, 300, ctx)) <= 3e-2
+    assert rel_err(testing.unet_output(bf, x, 300, ctx), testing.unet_output(pipe, x, 300, ctx)) <= 3e-2
     assert rel_err(bf.encode_prompt(["a cat"]), pipe.encode_prompt(["a cat"])) <= 3e-2
 
 
@@ -102,7 +102,7 @@ def test_fp16_variant_files_load(sd1_folder, tmp_path):
     x, ctx = rng.standard_normal((1, 16, 16, 4)).astype(np.float32), rng.standard_normal((1, 77, 32)).astype(np.float32)
     with torch.no_grad():
         want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), 7, torch.from_numpy(ctx)).sample.permute(0, 2, 3, 1).numpy()
-    assert rel_err(p16.predict_noise(x, 7, ctx), want) <= 1e-4
+    assert rel_err(testing.unet_output(p16, x, 7, ctx), want) <= 1e-4
 
 
 def test_long_prompt_is_truncated_as_diffusers_does(sd1_folder, pipe):

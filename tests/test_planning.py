@@ -94,6 +94,7 @@ def test_budget_from_the_flag_or_the_free_memory_read_once(fresh, monkeypatch):
             planning.budget_bytes(bad)
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_fit_is_split_with_the_same_results(pipe):
     """Two images whose program needs more than the budget: one image per call, twice."""
     images = list(np.random.default_rng(4).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))

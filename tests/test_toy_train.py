@@ -5,11 +5,13 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 import nti_jax
 from nti_jax.toy import train
 
 
+@pytest.mark.slow
 def test_train_resumes_exports_and_fine_tunes_the_decoder(tmp_path):
     work, out, out2 = (str(tmp_path / k) for k in ("work", "model", "model2"))
     small = ["--vae-batch", "2", "--batch", "2", "--ckpt-every", "1", "--export-every", "2"]

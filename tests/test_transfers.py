@@ -10,6 +10,8 @@ import pytest
 import nti_jax
 from nti_jax import inversion, p2p, sampling, testing
 
+pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
+
 PROMPT = "a red circle on a blue background"
 
 
