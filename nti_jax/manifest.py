@@ -19,16 +19,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import UsageError
 from .p2p import SETTINGS_KEYS, controller_from_settings
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MANIFEST = os.path.join(PACKAGE_DIR, "toy", "samples", "samples.jsonl")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EDIT_KEYS = ("prompt",) + SETTINGS_KEYS
-
-
-class UsageError(Exception):
-    """A bad argument or input file: one line on stderr, exit status 2."""
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import nti_jax
-from nti_jax import cli, driver, manifest, runs, testing
+from nti_jax import cli, driver, manifest, records, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def null(model):
 
 
 def rows(out):
-    return runs.read_jsonl(os.path.join(out, "results.jsonl"))
+    return records.read_jsonl(os.path.join(out, "results.jsonl"))[0]
 
 
 def subprocess_env(cache_dir, **extra):
@@ -158,7 +158,7 @@ def test_no_argument_run(model, tmp_path, monkeypatch, capsys):
     assert cli.main([]) == 0
     out = tmp_path / "outputs"
     assert str(out) in capsys.readouterr().out
-    samples = runs.read_jsonl(manifest.DEFAULT_MANIFEST)
+    samples = records.read_jsonl(manifest.DEFAULT_MANIFEST)[0]
     got = rows(out)
     assert [r["status"] for r in got] == ["done"] * len(samples) and len(samples) >= 2
     for row, sample in zip(got, samples):

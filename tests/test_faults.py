@@ -28,7 +28,7 @@ from PIL import Image
 
 import nti_jax
 import nti_jax.io
-from nti_jax import cli, manifest, p2p, runs, testing
+from nti_jax import cli, ledger, manifest, p2p, records, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def assert_clean_stderr(err: str) -> None:
 
 
 def rows(out) -> list[dict]:
-    return runs.read_jsonl(os.path.join(out, "results.jsonl"))
+    return records.read_jsonl(os.path.join(out, "results.jsonl"))[0]
 
 
 def write_manifest(path, lines: list[dict]) -> str:
@@ -656,11 +656,12 @@ def test_disk_full(kind, model, scenes, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["tmpfs", "fsize"])
 def test_results_file_on_a_full_disk(kind, tmp_path, capsys):
-    """Rows that cannot be appended to results.jsonl are kept and the run told to stop; the final
-    rewrite that fails too is one line on stderr, and the rows are still returned."""
+    """Rows that cannot be appended to the worker's rows file are kept and the run told to stop;
+    the final rewrite and the merge that fail too are one line each on stderr, and the rows are
+    still returned."""
     share = [manifest.Item(index=k, image=f"img{k}.png", prompt="a shape", edits=[], name=f"img{k}") for k in range(40)]
     with small_disk(tmp_path / "disk", kind) as used:
-        log = runs.RunLog(str(tmp_path / "disk" / "out"))
+        log = ledger.Ledger(str(tmp_path / "disk" / "out"), "key")
         log.open()
         with full_disk(tmp_path / "disk", used) as words:
             if used == "tmpfs":  # not even the last 16 KB
@@ -670,8 +671,11 @@ def test_results_file_on_a_full_disk(kind, tmp_path, capsys):
                 resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
             for it in share[:30]:
                 log.record(it, "failed", "x" * 600)
-            got = log.close(share)
+            log.close()
+            with log.merged(share) as got:
+                pass
     assert log.stop is not None and log.stop.startswith(words), log.stop
     assert [r["status"] for r in got] == ["failed"] * 30 + ["pending"] * 10
     err = capsys.readouterr().err
     assert f"could not write {log.path}: {words}" in err and "Traceback" not in err
+    assert f"could not write {log.out}/results.jsonl: {words}" in err
