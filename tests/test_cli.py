@@ -301,7 +301,8 @@ def test_two_processes_equal_one_process(single, six, model, null, tmp_path, cac
     assert "6 done, 0 skipped, 0 failed (all processes)" in outs[0][0]
     merged = rows(out)
     assert [r["index"] for r in merged] == list(range(6)) and [r["process"] for r in merged] == [0, 1] * 3
-    assert (out / "results.0.jsonl").is_file() and (out / "results.1.jsonl").is_file()
+    parts = sorted((out / ".nti-run" / "rows").glob("*.jsonl"))  # each process's own rows
+    assert len(parts) == 2 and sorted(r["process"] for p in parts for r in records.read_jsonl(str(p))[0]) == [0, 0, 0, 1, 1, 1]
     ref = rows(single)
     assert [(r["name"], r["status"], r["inner_iterations"]) for r in merged] == [(r["name"], r["status"], r["inner_iterations"]) for r in ref]
     for r, s in zip(merged, ref):

@@ -532,6 +532,47 @@ def test_folder_of_another_image_is_never_overwritten(model, scenes, tmp_path, c
     assert finished(out, ["x"]) == before
 
 
+def test_damaged_results_are_redone_and_checked(model, scenes, tmp_path, capsys):
+    """Truncated, deleted and bit-flipped result files: --check names each damaged image (exit 1);
+    a rerun redoes what the size check finds (an intact inversion is reused) and says so, a rerun
+    with --verify what only the SHA-256 finds; then every file is intact (--check: exit 0)."""
+    out = tmp_path / "out"
+    argv = ["--model", model, "--image", str(scenes / "img[0-2].png"), "--prompt", "a shape", "--out", str(out), "--no-edits"] + FAST
+    assert cli.main(argv) == 0
+    inv = {n: out / n / "inversion.safetensors" for n in ("img0", "img1", "img2")}
+    stamp = {n: f.stat().st_mtime_ns for n, f in inv.items()}
+    recon = (out / "img1" / "reconstruction.png").read_bytes()
+    size = inv["img0"].stat().st_size
+    inv["img0"].write_bytes(inv["img0"].read_bytes()[:1000])
+    (out / "img1" / "reconstruction.png").unlink()
+    flipped = bytearray((out / "img2" / "reconstruction.png").read_bytes())
+    flipped[len(flipped) // 2] ^= 1
+    (out / "img2" / "reconstruction.png").write_bytes(bytes(flipped))
+    capsys.readouterr()
+    assert cli.main(["--check", str(out)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"img0: inversion.safetensors is 1000 bytes, recorded {size}", "img1: reconstruction.png is missing",
+                     "img2: reconstruction.png does not match its recorded SHA-256"]
+    assert cli.main(argv) == 0  # sizes only: the bit flip passes
+    std = capsys.readouterr()
+    assert_clean_stderr(std.err)
+    assert "2 done, 1 skipped, 0 failed (2 redone: their files were damaged)" in std.out
+    assert "redoing img0: inversion.safetensors is 1000 bytes" in std.err
+    got = {r["name"]: r for r in rows(out)}
+    assert [got[n]["status"] for n in inv] == ["done", "done", "skipped"]
+    assert got["img0"]["repaired"].startswith("inversion.safetensors is 1000 bytes") and got["img1"]["repaired"] == "reconstruction.png is missing"
+    assert inv["img0"].stat().st_mtime_ns != stamp["img0"] and inv["img1"].stat().st_mtime_ns == stamp["img1"]  # reused
+    assert (out / "img1" / "reconstruction.png").read_bytes() == recon
+    assert cli.main(argv + ["--verify"]) == 0
+    assert_clean_stderr(capsys.readouterr().err)
+    got = {r["name"]: r for r in rows(out)}
+    assert [got[n]["status"] for n in inv] == ["skipped", "skipped", "done"]
+    assert "does not match" in got["img2"]["repaired"] and inv["img2"].stat().st_mtime_ns == stamp["img2"]
+    assert cli.main(["--check", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    assert nti_jax.Inversion.load(str(inv["img0"])).num_images == 1
+
+
 def subprocess_env(cache_dir) -> dict:
     env = dict(os.environ, NTI_JAX_CACHE_DIR=cache_dir, PYTHONPATH=ROOT)
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
