@@ -10,6 +10,7 @@ touched (`heartbeat`) for the timeout. The generations are the image's history o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -138,7 +139,8 @@ class Claims:
         path = self.held.pop(name, None)
         if path is not None:
             claim = read_json(path) or self.me.to_dict()
-            write_json(path, dict(claim, finished=time.time()))
+            with contextlib.suppress(OSError):  # a full disk: the image's record is what counts
+                write_json(path, dict(claim, finished=time.time()))
 
     def release(self, name: str) -> None:
         """Give the image up unworked (it needed nothing, or the run was interrupted)."""

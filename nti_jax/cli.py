@@ -4,8 +4,9 @@
     nti-invert --model M --image 'photos/*.jpg' --prompt "a cat" --edit "a dog" --out runs/cats
     nti-invert --model M --manifest items.jsonl --batch-size 4 --out runs/big
 
-This module parses the arguments and sets the run up (devices, hosts, cache, model); `manifest`
-reads what to do, `driver` does it and `runs` keeps the books (see their docstrings).
+This module parses the arguments into one `RunConfig` and sets the run up (devices, hosts, cache,
+model); `manifest` reads what to do, `driver` does it and `ledger` keeps the books (see their
+docstrings).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ several workers: start the same command any number of times on one OUT (a job ar
 devices and hosts: images are split over every local device (--batch-size rows per device).
   Several hosts: run the same command on each with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
   JAX_PROCESS_ID set (or --distributed on TPU pods / SLURM, where JAX finds them itself); each
-  process takes every num_processes-th image and process 0 merges OUT/results.jsonl. OUT must be
+  process takes every num_processes-th image; OUT/results.jsonl is merged from every process's rows. OUT must be
   a folder all hosts share.
 
 PIE-Bench (--pie-bench DATA_DIR [--pie-types 0,6]): brackets stripped, Refine with cross 0.4 /

@@ -9,6 +9,7 @@ one folder each take the images no one holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -49,8 +50,42 @@ class StepProgress:
                     self.bar.update(n - self.bar.n)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class Interrupts:
+    """SIGINT and SIGTERM as KeyboardInterrupt, held back while an image's record, claim and row
+    are written (`held`), so an interrupted run never leaves a finished image without its row."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, False
+
+    def __call__(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, in the main thread only (elsewhere signals cannot be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
 
 class Driver:
@@ -60,6 +95,7 @@ class Driver:
         self.cfg, self.pipe, self.items, self.inverter, self.log = cfg, pipe, items, inverter, log
         self.per_device = 1
         self.total = 0
+        self.interrupts = Interrupts()
         self.repairs: dict[str, str] = {}  # image name -> why its finished files are redone
         self.step_progress = StepProgress() if cfg.step_progress and cfg.settings.method == "null-text" else None
 
@@ -185,12 +221,13 @@ class Driver:
         if not self.log.claims.mine(it.name):
             self._say(f"dropped: {it.label}: another worker took it over (no heartbeat for --claim-timeout)")
             return
-        try:
-            w.record(metrics)
-        except OSError as e:
-            error, metrics["status"] = error or self.log.write_failed(e), "failed"
-        self.log.claims.finish(it.name)
-        self.log.record(it, metrics["status"], error, metrics, repaired)
+        with self.interrupts.held():
+            try:
+                w.record(metrics)
+            except OSError as e:
+                error, metrics["status"] = error or self.log.write_failed(e), "failed"
+            self.log.claims.finish(it.name)
+            self.log.record(it, metrics["status"], error, metrics, repaired)
 
     def fail(self, it: Item, error: str) -> None:
         """An image that failed before it had files: its row, and its claim closed."""
@@ -260,8 +297,14 @@ class Driver:
         """What this worker does with the image, claimed; None when it does nothing: the image is
         finished (a row "skipped" if an earlier run finished it), fails, or another worker has it."""
         st = self.log.state(it)
-        if st.kind == "done" or st.kind == "taken" or not self.log.claims.acquire(it.name):
+        if st.kind == "done" or st.kind == "taken":
             return self._settled(it, st)
+        try:
+            if not self.log.claims.acquire(it.name):
+                return None
+        except OSError as e:  # the claim cannot be written (a full disk also stops the run)
+            self.log.record(it, "failed", self.log.write_failed(e))
+            return None
         st = self.log.state(it)  # another worker may have finished it since
         if st.kind in ("done", "taken"):
             self.log.claims.release(it.name)
@@ -321,14 +364,12 @@ class Driver:
         log.bar = tqdm(total=len(share), desc=desc, unit="img", dynamic_ncols=True, disable=None)
         t0 = time.time()
         interrupted = False
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
         try:
-            self.loop(share)
+            with self.interrupts.installed():
+                self.loop(share)
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
             elapsed = time.time() - t0
             log.bar.close()
             log.bar = None

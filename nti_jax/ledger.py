@@ -125,7 +125,11 @@ class Ledger:
     def register(self, settings: dict) -> None:
         """Join the folder's workers; UsageError if a live one runs other settings or images
         (`settings`: this run's command-line settings, to name the difference)."""
-        os.makedirs(os.path.dirname(self.registration), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(self.registration), exist_ok=True)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot use the output folder {self.out}: {one_line(e)}") from None
         for path in sorted(glob.glob(os.path.join(os.path.dirname(self.registration), "*.json"))):
             other = self._live(path)
             if other is None or other.get("run_key") == self.run_key:
@@ -135,7 +139,10 @@ class Ledger:
             what = "; ".join(diff) if diff else "other images, edits or model files"
             raise UsageError(f"{self.out} is being run by another worker ({other.get('host')} pid {other.get('pid')}) "
                              f"with other settings ({what}); give every worker the same arguments, or another --out")
-        write_json(self.registration, dict(self.me.to_dict(), run_key=self.run_key, settings=settings))
+        try:
+            write_json(self.registration, dict(self.me.to_dict(), run_key=self.run_key, settings=settings))
+        except OSError as e:
+            raise UsageError(f"cannot use the output folder {self.out}: {one_line(e)}") from None
 
     def _beat(self) -> None:
         self.claims.touch()
