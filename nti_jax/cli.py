@@ -12,6 +12,7 @@ docstrings).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -234,9 +235,7 @@ def _pie_rows(args) -> list[dict]:
 
 
 def _pie_items(rows: list[dict]) -> list[Item]:
-    items = [Item(index=k, image=r["image"], prompt=r["prompt"], edits=list(r["edits"]), name=r["name"]) for k, r in enumerate(rows)]
-    assign_names(items)
-    return items
+    return assign_names([Item(index=k, image=r["image"], prompt=r["prompt"], edits=tuple(r["edits"]), name=r["name"]) for k, r in enumerate(rows)])
 
 
 def _finish_run(rows: list[dict], info: dict, out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None) -> None:
@@ -320,8 +319,8 @@ def _run(args, cfg: RunConfig, argv: list[str]) -> int:
     pid, nproc = parallel.process_info()
     pie_rows = _pie_rows(args)
     items = _pie_items(pie_rows) if pie_rows else collect_items(args.image, args.prompt, args.manifest, args.edit or [], args.no_edits)
-    for it in items:  # the defaults are recorded in metrics.json and key the outputs
-        it.edits = [cfg.edit(e) for e in it.edits]
+    # the edit defaults are recorded in metrics.json and key the outputs
+    items = [dataclasses.replace(it, edits=tuple(cfg.edit(e) for e in it.edits)) for it in items]
     check_items(items)
     devices = jax.local_devices()
     if args.num_devices:
@@ -334,8 +333,7 @@ def _run(args, cfg: RunConfig, argv: list[str]) -> int:
     except OSError as e:
         raise UsageError(f"cannot create the output folder {args.out}: {e.strerror or e}") from None
     model_fp = model_fingerprint(model)
-    for it in items:
-        it.inversion_key, it.key = item_keys(it, cfg.settings, cfg.dtype, model_fp)
+    items = [dataclasses.replace(it, **dict(zip(("inversion_key", "key"), item_keys(it, cfg.settings, cfg.dtype, model_fp)))) for it in items]
     log = Ledger(args.out, run_key(items, cfg), pid, nproc, force=cfg.force, verify=cfg.verify, timeout_s=cfg.claim_timeout)
     log.register(cfg.outputs())
     try:

@@ -10,6 +10,7 @@ one folder each take the images no one holds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -32,6 +33,23 @@ from .pipeline import Pipeline
 from .run_config import RunConfig
 from .runs import add_reconstruction, image_metrics
 from .writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, edit_file
+
+
+@dataclasses.dataclass
+class Work:
+    """What this run makes of one request: its pixels and controllers once prepared, its
+    warnings and heat maps, and why its finished files are redone (`repaired`)."""
+
+    item: Item
+    repaired: Optional[str] = None
+    pixels: Optional[np.ndarray] = None
+    controllers: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
+    heatmaps: dict = dataclasses.field(default_factory=dict)  # PNG file name -> uint8 image
+
+    @property
+    def prompt(self):
+        return self.item.prompt
 
 
 class StepProgress:
@@ -96,44 +114,45 @@ class Driver:
         self.per_device = 1
         self.total = 0
         self.interrupts = Interrupts()
-        self.repairs: dict[str, str] = {}  # image name -> why its finished files are redone
         self.step_progress = StepProgress() if cfg.step_progress and cfg.settings.method == "null-text" else None
 
     # -- one image ------------------------------------------------------------------------------
 
-    def prepare(self, it: Item) -> None:
+    def prepare(self, it: Item, repaired: Optional[str]) -> Work:
         """Load the image and check the prompts on the host (a failure here costs no device time)."""
         p = it.prompt
         if not isinstance(p, str) or not p.strip():
             raise PromptError(f"the source prompt must be a non-empty caption of the image, got {p!r}")
+        job = Work(it, repaired)
         cut = self.pipe.truncation(p)
         if cut is not None:  # recorded in metrics.json and results.jsonl instead of printed
-            it.warnings.append(f"the prompt is longer than the model's {self.pipe.max_tokens} tokens; cut: {cut!r}")
-        it.pixels = load_image(it.image, self.pipe.image_size, it.crop)
-        it.controllers = [self.controller(it, e) for e in it.edits]
+            job.warnings.append(f"the prompt is longer than the model's {self.pipe.max_tokens} tokens; cut: {cut!r}")
+        job.pixels = load_image(it.image, self.pipe.image_size, it.crop)
+        job.controllers = [self.controller(it, e) for e in it.edits]
+        return job
 
     @staticmethod
     def controller(it: Item, edit: dict):
         settings = {k: v for k, v in edit.items() if k != "prompt"}
         return p2p.controller_from_settings(it.prompt, [edit["prompt"]], settings)
 
-    def run_edits(self, pipe: Pipeline, inv: Inversion, it: Item) -> list:
-        """The item's edited images, one `edit` program per edit; their cross-attention maps become
-        the image's heat maps (`it.heatmaps`: attention.png, and one per edit with --attention)."""
+    def run_edits(self, pipe: Pipeline, inv: Inversion, job: Work) -> list:
+        """The image's edited images, one `edit` program per edit; their cross-attention maps become
+        its heat maps (`job.heatmaps`: attention.png, and one per edit with --attention)."""
         out, maps = [], []
-        for e, c in zip(it.edits, it.controllers):
+        for e, c in zip(job.item.edits, job.controllers):
             latents, m = p2p.edit_latents(pipe, inv, [e["prompt"]], controller=c)
             out.append(np.asarray(pipe.decode_latents(latents)))
             maps.append(np.asarray(m))
         first = maps[0][:1] if maps else p2p.attention_maps(pipe, inv)
-        it.heatmaps = {"attention.png": heatmaps.attention_sheet(pipe, inv.prompts[:1], it.pixels[None], first)}
+        job.heatmaps = {"attention.png": heatmaps.attention_sheet(pipe, inv.prompts[:1], job.pixels[None], first)}
         if self.cfg.attention:
-            for k, (e, images, m) in enumerate(zip(it.edits, out, maps)):
+            for k, (e, images, m) in enumerate(zip(job.item.edits, out, maps)):
                 sheet = heatmaps.attention_sheet(pipe, [inv.prompts[0], e["prompt"]], images, m)
-                it.heatmaps["attention-" + edit_file(k, e)] = sheet
+                job.heatmaps["attention-" + edit_file(k, e)] = sheet
         return out
 
-    def edit_one(self, it: Item, inv: Inversion) -> tuple[Optional[list], Optional[str], float]:
+    def edit_one(self, job: Work, inv: Inversion) -> tuple[Optional[list], Optional[str], float]:
         """(edited images or None, error or None, seconds) for one inverted image."""
         bad = np.asarray(inv.nonfinite[0])
         if bad.any():
@@ -141,20 +160,20 @@ class Driver:
             return None, f"non-finite loss or latents at {int(bad.sum())} of {bad.size} steps (first: step {first})", 0.0
         t = time.time()
         try:
-            edits = [np.asarray(x) for x in self.run_edits(self.inverter.replica(self.pipe, inv), inv, it)]
+            edits = [np.asarray(x) for x in self.run_edits(self.inverter.replica(self.pipe, inv), inv, job)]
             return edits, None, time.time() - t
         except Exception as e:  # noqa: BLE001 - recorded per image
             return None, one_line(e), time.time() - t
 
-    def edit_batch(self, batch: list[Item], invs: list[Inversion]) -> list[tuple]:
+    def edit_batch(self, batch: list[Work], invs: list[Inversion]) -> list[tuple]:
         """`edit_one` for every image; with several devices, one thread per device."""
         jobs = list(zip(batch, invs))
-        if self.inverter.num_devices == 1 or not any(it.edits for it in batch):
-            return [self.edit_one(it, inv) for it, inv in jobs]
+        if self.inverter.num_devices == 1 or not any(job.item.edits for job in batch):
+            return [self.edit_one(job, inv) for job, inv in jobs]
         devices = [inv.x_T.devices().pop() for inv in invs]
 
         def device_jobs(device):
-            return [(k, self.edit_one(it, inv)) for k, (it, inv) in enumerate(jobs) if devices[k] == device]
+            return [(k, self.edit_one(job, inv)) for k, (job, inv) in enumerate(jobs) if devices[k] == device]
 
         with ThreadPoolExecutor(max_workers=self.inverter.num_devices, thread_name_prefix="nti-edit") as pool:
             futures = [pool.submit(device_jobs, d) for d in dict.fromkeys(devices)]
@@ -170,30 +189,32 @@ class Driver:
         for k in ("error", "files"):
             metrics.pop(k, None)
         w = ImageWriter(self.log.folder(it), {n: files[n] for n in (INVERSION, INPUT, RECONSTRUCTION) if n in files})
+        job = Work(it, st.damage)
         error = None
         try:
             inv = Inversion.load(os.path.join(w.folder, INVERSION))
-            it.controllers = [self.controller(it, e) for e in it.edits]
-            it.pixels = load_image(os.path.join(w.folder, INPUT), self.pipe.image_size)
+            job.controllers = [self.controller(it, e) for e in it.edits]
+            job.pixels = load_image(os.path.join(w.folder, INPUT), self.pipe.image_size)
             if st.damage and RECONSTRUCTION in files:  # a damaged record: remake what it lists
                 ((image, _, _),) = self.inverter.reconstruct(self.pipe, [inv])
                 w.png(RECONSTRUCTION, np.asarray(image))
-            metrics["edits"] = w.edits(it.edits, self.run_edits(self.pipe, inv, it))
-            w.heatmaps(it.heatmaps)
+            metrics["edits"] = w.edits(it.edits, self.run_edits(self.pipe, inv, job))
+            w.heatmaps(job.heatmaps)
         except KeyboardInterrupt:
             raise
         except Exception as e:
             error = self.log.write_failed(e)  # a full disk also stops the run
-        self.close_image(it, w, metrics, error, prev.get("inversion_seconds", 0.0), t1, st.damage)
+        self.close_image(job, w, metrics, error, prev.get("inversion_seconds", 0.0), t1)
 
-    def finish(self, it: Item, inv, recon_img, edits, error: Optional[str], metrics: dict, t1: float, repaired: Optional[str]) -> None:
+    def finish(self, job: Work, inv, recon_img, edits, error: Optional[str], metrics: dict, t1: float) -> None:
         """Write the image's files, its record last, and its row. A finite inversion (`recon_img`
         given) is kept even if its edits failed."""
+        it = job.item
         w = ImageWriter(self.log.folder(it))
         try:
             os.makedirs(w.folder, exist_ok=True)
             metrics["edits"] = []
-            w.png(INPUT, it.pixels)
+            w.png(INPUT, job.pixels)
             if recon_img is not None:
                 w.inversion(inv)
                 metrics["inversion_key"] = it.inversion_key
@@ -201,15 +222,14 @@ class Driver:
                 if error is None and edits:
                     metrics["edits"] = w.edits(it.edits, edits)
                 if error is None:
-                    w.heatmaps(it.heatmaps)
+                    w.heatmaps(job.heatmaps)
         except KeyboardInterrupt:
             raise
         except Exception as e:
             error = error or self.log.write_failed(e)
-        self.close_image(it, w, metrics, error, metrics["inversion_seconds"], t1, repaired)
+        self.close_image(job, w, metrics, error, metrics["inversion_seconds"], t1)
 
-    def close_image(self, it: Item, w: ImageWriter, metrics: dict, error: Optional[str], inv_seconds: float, t1: float,
-                    repaired: Optional[str]) -> None:
+    def close_image(self, job: Work, w: ImageWriter, metrics: dict, error: Optional[str], inv_seconds: float, t1: float) -> None:
         """Timings and status into the image's record (unless another worker took the image over
         meanwhile: the record is then theirs), then its row."""
         metrics["edit_seconds"] = round(time.time() - t1, 4)
@@ -218,6 +238,7 @@ class Driver:
         if error:
             metrics["error"] = error
         metrics.update(worker=self.log.me.id, finished=time.time())
+        it = job.item
         if not self.log.claims.mine(it.name):
             self._say(f"dropped: {it.label}: another worker took it over (no heartbeat for --claim-timeout)")
             return
@@ -227,7 +248,7 @@ class Driver:
             except OSError as e:
                 error, metrics["status"] = error or self.log.write_failed(e), "failed"
             self.log.claims.finish(it.name)
-            self.log.record(it, metrics["status"], error, metrics, repaired)
+            self.log.record(it, metrics["status"], error, metrics, job.repaired)
 
     def fail(self, it: Item, error: str) -> None:
         """An image that failed before it had files: its row, and its claim closed."""
@@ -242,7 +263,7 @@ class Driver:
 
     # -- a batch --------------------------------------------------------------------------------
 
-    def run_batch(self, batch: list[Item]) -> None:
+    def run_batch(self, batch: list[Work]) -> None:
         import jax
 
         t0 = time.time()
@@ -257,7 +278,7 @@ class Driver:
             raise
         except Exception as e:  # the whole batch failed (e.g. out of memory): record, go on
             for it in batch:
-                self.fail(it, f"batch failed: {one_line(e)}")
+                self.fail(it.item, f"batch failed: {one_line(e)}")
             return
         finally:
             if step_bar is not None:
@@ -266,10 +287,10 @@ class Driver:
         t_inv = time.time() - t0
         for it, inv, (edits, error, edit_seconds), rec in zip(batch, invs, self.edit_batch(batch, invs), recon):
             t1 = time.time() - edit_seconds
-            metrics = image_metrics(it, inv, self.cfg, t_inv / len(batch))
+            metrics = image_metrics(it.item, inv, self.cfg, t_inv / len(batch), it.warnings)
             if not add_reconstruction(metrics, it.pixels, inv, *rec) and error is None:
                 error = "the reconstruction is not finite"
-            self.finish(it, inv, np.asarray(rec[0]) if metrics["psnr"] is not None else None, edits, error, metrics, t1, self.repairs.pop(it.name, None))
+            self.finish(it, inv, np.asarray(rec[0]) if metrics["psnr"] is not None else None, edits, error, metrics, t1)
         self._batch_line(len(batch), t_inv)
 
     def _step_bar(self):
@@ -311,7 +332,6 @@ class Driver:
             return self._settled(it, st)
         if st.damage:
             self._say(f"redoing {it.label}: {st.damage}")
-            self.repairs[it.name] = st.damage
         return st
 
     def _settled(self, it: Item, st: State) -> None:
@@ -325,7 +345,7 @@ class Driver:
         """Every image this worker can claim, in batches; stops (the rest stay "pending") once a
         write found the disk full."""
         cap = self.per_device * self.inverter.num_devices
-        batch: list[Item] = []
+        batch: list[Work] = []
         for it in share:
             if self.log.stop:
                 return
@@ -336,13 +356,12 @@ class Driver:
                 self.redo_edits(it, st)
                 continue
             try:
-                self.prepare(it)
+                batch.append(self.prepare(it, st.damage))
             except KeyboardInterrupt:
                 raise
             except Exception as e:
                 self.fail(it, one_line(e))
                 continue
-            batch.append(it)
             if len(batch) == cap:
                 self.run_batch(batch)
                 batch = []

@@ -54,7 +54,7 @@ def item_keys(it: Item, settings: InvertSettings, dtype: str, model_fp: list) ->
     return inversion_key, _hash([inversion_key, it.edits])
 
 
-def image_metrics(it: Item, inv, cfg: RunConfig, inv_seconds: float) -> dict:
+def image_metrics(it: Item, inv, cfg: RunConfig, inv_seconds: float, warnings: Sequence[str] = ()) -> dict:
     """metrics.json of an inverted image before its files are written."""
     iters = np.asarray(inv.inner_iterations[0])
     s = cfg.settings
@@ -70,7 +70,7 @@ def image_metrics(it: Item, inv, cfg: RunConfig, inv_seconds: float) -> dict:
         "inversion_seconds": round(inv_seconds, 4),
         "key": it.key,
         "inversion_key": None,
-        "warnings": list(it.warnings),
+        "warnings": list(warnings),
     }
 
 
