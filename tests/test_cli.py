@@ -29,19 +29,6 @@ FAST = ["--steps", "5", "--inner-steps", "3", "--early-stop-eps", "1.0", "--batc
 pytestmark = pytest.mark.usefixtures("cache_dir", "no_distributed_env")
 
 
-UNET_MINI = testing.UNET_MINI
-
-
-def make_mini_sd(folder: str, seed: int = 3) -> str:
-    unet, vae, text = testing.tiny_unet(UNET_MINI, seed), testing.tiny_vae(seed=seed), testing.tiny_text_encoder(seed=seed)
-    return testing.save_sd_folder(folder, unet, vae, text)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_mini_sd(str(tmp_path_factory.mktemp("mini-sd")))
-
-
 @pytest.fixture(scope="module")
 def six(tmp_path_factory):
     """Six held-out shapes images and their manifest."""
@@ -70,14 +57,6 @@ def null(model):
 
 def rows(out):
     return records.read_jsonl(os.path.join(out, "results.jsonl"))[0]
-
-
-def subprocess_env(cache_dir, **extra):
-    env = dict(os.environ, NTI_JAX_CACHE_DIR=cache_dir, PYTHONPATH=ROOT, **extra)
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
-        if var not in extra:
-            env.pop(var, None)
-    return env
 
 
 def assert_same_inversions(a, b, names, null):
@@ -140,7 +119,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):
 def test_script_bad_model_is_one_line_no_traceback(tmp_path, cache_dir):
     p = subprocess.run(
         [sys.executable, SCRIPT, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300, env=subprocess_env(cache_dir),
+        capture_output=True, text=True, timeout=300, env=testing.script_env(cache_dir),
     )
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and "cannot load the model" in p.stderr and "Traceback" not in p.stderr
@@ -265,7 +244,7 @@ def test_four_devices_equal_one_device(single, six, model, null, tmp_path, cache
     p = subprocess.run(
         [sys.executable, SCRIPT, "--model", model, "--manifest", str(six / "manifest.jsonl"), "--out", str(out), "--no-edits"] + FAST,
         capture_output=True, text=True, timeout=900,
-        env=subprocess_env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        env=testing.script_env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(json.loads((out / "run.json").read_text())["devices"]) == 4
@@ -286,7 +265,7 @@ def test_two_processes_equal_one_process(single, six, model, null, tmp_path, cac
     procs = [
         subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=subprocess_env(cache_dir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(p)),
+            env=testing.script_env(cache_dir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(p)),
         )
         for p in range(2)
     ]

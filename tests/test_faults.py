@@ -43,13 +43,6 @@ pytestmark = pytest.mark.usefixtures("cache_dir", "no_distributed_env")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mini-sd"))
-    unet, vae, text = testing.tiny_unet(testing.UNET_MINI, 3), testing.tiny_vae(seed=3), testing.tiny_text_encoder(seed=3)
-    return testing.save_sd_folder(folder, unet, vae, text)
-
-
-@pytest.fixture(scope="module")
 def pipe(model):
     return nti_jax.load_pipeline(model)
 
@@ -573,19 +566,12 @@ def test_damaged_results_are_redone_and_checked(model, scenes, tmp_path, capsys)
     assert nti_jax.Inversion.load(str(inv["img0"])).num_images == 1
 
 
-def subprocess_env(cache_dir) -> dict:
-    env = dict(os.environ, NTI_JAX_CACHE_DIR=cache_dir, PYTHONPATH=ROOT)
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
-        env.pop(var, None)
-    return env
-
-
 def run_until_first_image(model, scenes, out, cache_dir, tmp_path) -> subprocess.Popen:
     """scripts/invert.py on the four scenes, returned once img0's metrics.json exists."""
     cmd = [sys.executable, SCRIPT, "--model", model, "--image", str(scenes / "img*.png"), "--prompt", "a shape",
            "--out", str(out), "--no-edits"] + FAST
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=subprocess_env(cache_dir))
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=testing.script_env(cache_dir))
     t0 = time.time()
     while not (out / "img0" / "metrics.json").exists():
         if proc.poll() is not None or time.time() - t0 > 600:

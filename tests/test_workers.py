@@ -26,13 +26,6 @@ pytestmark = pytest.mark.usefixtures("cache_dir", "no_distributed_env")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mini-sd"))
-    unet, vae, text = testing.tiny_unet(testing.UNET_MINI, 3), testing.tiny_vae(seed=3), testing.tiny_text_encoder(seed=3)
-    return testing.save_sd_folder(folder, unet, vae, text)
-
-
-@pytest.fixture(scope="module")
 def nine(tmp_path_factory):
     """Nine shapes images (64 px, the model's size)."""
     folder = tmp_path_factory.mktemp("nine")
@@ -54,11 +47,8 @@ def command(model, nine, out, *extra, images="img*.png") -> list[str]:
 
 
 def start(cmd, cache_dir, log) -> subprocess.Popen:
-    env = dict(os.environ, NTI_JAX_CACHE_DIR=cache_dir, PYTHONPATH=ROOT)
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
-        env.pop(var, None)
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=testing.script_env(cache_dir))
 
 
 def wait_for(path_glob, proc, root, timeout=300.0) -> None:
