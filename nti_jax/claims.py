@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import socket
 import threading
 import time
@@ -103,8 +102,11 @@ class Claims:
         return os.path.join(self.folder, f"{name}.{gen}")
 
     def generations(self, name: str) -> list[int]:
-        pat = re.compile(re.escape(name) + r"\.(\d+)$")
-        return sorted(int(m.group(1)) for f in os.listdir(self.folder) if (m := pat.match(f)))
+        """The image's claim generations 0, 1, ... (probed one by one: the folder may hold millions)."""
+        g = 0
+        while os.path.exists(self._path(name, g)):
+            g += 1
+        return list(range(g))
 
     def history(self, name: str) -> list[dict]:
         """The image's claims, oldest first (a claim being written reads as {})."""
@@ -143,9 +145,11 @@ class Claims:
                 write_json(path, dict(claim, finished=time.time()))
 
     def release(self, name: str) -> None:
-        """Give the image up unworked (it needed nothing, or the run was interrupted)."""
+        """Give the image up unworked (it needed nothing, or the run was interrupted); a claim
+        another worker has taken over since stays, as the history below theirs."""
+        mine = self.mine(name)
         path = self.held.pop(name, None)
-        if path is not None:
+        if path is not None and mine:
             try:
                 os.remove(path)
             except FileNotFoundError:

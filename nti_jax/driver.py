@@ -30,6 +30,7 @@ from .ledger import Ledger, State
 from .manifest import Item
 from .parallel import FileBarrier, ShardedInverter, host_share, per_device_batch
 from .pipeline import Pipeline
+from .records import damage
 from .run_config import RunConfig
 from .runs import add_reconstruction, image_metrics
 from .writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, edit_file
@@ -195,7 +196,8 @@ class Driver:
             inv = Inversion.load(os.path.join(w.folder, INVERSION))
             job.controllers = [self.controller(it, e) for e in it.edits]
             job.pixels = load_image(os.path.join(w.folder, INPUT), self.pipe.image_size)
-            if st.damage and RECONSTRUCTION in files:  # a damaged record: remake what it lists
+            recon = files.get(RECONSTRUCTION)
+            if recon is not None and damage(w.folder, {RECONSTRUCTION: recon}, self.log.verify):
                 ((image, _, _),) = self.inverter.reconstruct(self.pipe, [inv])
                 w.png(RECONSTRUCTION, np.asarray(image))
             metrics["edits"] = w.edits(it.edits, self.run_edits(self.pipe, inv, job))

@@ -35,10 +35,12 @@ def nine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def warm(model, nine, tmp_path_factory):
-    """One image run in this process, so the workers load the compiled programs from the cache."""
+def warm(model, nine, cache_dir, tmp_path_factory):
+    """One image run by the script, so the workers load the compiled programs from the cache (a
+    run in this process might find them in memory and write none)."""
     out = tmp_path_factory.mktemp("warm")
-    assert cli.main(["--model", model, "--image", str(nine / "img0.png"), "--prompt", "a shape", "--out", str(out)] + FAST) == 0
+    proc = start(command(model, nine, out, images="img0.png"), cache_dir, out / "log")
+    assert proc.wait(timeout=900) == 0, (out / "log").read_text()
 
 
 def command(model, nine, out, *extra, images="img*.png") -> list[str]:
@@ -114,7 +116,7 @@ def test_worker_killed_mid_image_is_taken_over(model, nine, warm, cache_dir, tmp
 def test_worker_with_other_settings_is_refused(model, nine, warm, cache_dir, tmp_path, capsys):
     out = tmp_path / "out"
     first = start(command(model, nine, out, images="img[0-2].png"), cache_dir, tmp_path / "first.log")
-    wait_for(".nti-run/workers/*.json", first, out)
+    wait_for(".nti-run/workers/[!.]*.json", first, out)  # not the file being written
     first.send_signal(signal.SIGSTOP)  # alive, but not finishing while the second one starts
     try:
         assert cli.main(command(model, nine, out, "--inner-steps", "2", images="img[0-2].png")[2:]) == 2
