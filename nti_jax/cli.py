@@ -4,14 +4,15 @@
     nti-invert --model M --image 'photos/*.jpg' --prompt "a cat" --edit "a dog" --out runs/cats
     nti-invert --model M --manifest items.jsonl --batch-size 4 --out runs/big
 
-This module parses the arguments and sets the run up (devices, hosts, cache, model); `manifest`
-reads what to do, `driver` does it and `runs` keeps the books (see their docstrings).
+This module parses the arguments into one `RunConfig` and sets the run up (devices, hosts, cache,
+model); `manifest` reads what to do, `driver` does it and `ledger` keeps the books (see their
+docstrings).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import math
 import os
 import sys
@@ -19,14 +20,16 @@ import time
 from typing import Optional
 
 from . import parallel, pie_bench
-from .driver import Driver, RunConfig
-from .errors import NtiError
-from .io import atomic_path
 from .controllers import GUIDANCE
-from .manifest import PACKAGE_DIR, Item, UsageError, assign_names, check_items, collect_items
-from .pipeline import DTYPES, load_pipeline
-from .runs import RunLog, model_fingerprint, one_line
+from .driver import Driver
+from .errors import NtiError, UsageError, one_line
 from .inversion import REMAT_MODES
+from .ledger import Ledger, check_folder
+from .manifest import PACKAGE_DIR, Item, assign_names, check_items, collect_items
+from .pipeline import DTYPES, load_pipeline
+from .records import write_json
+from .run_config import EDIT_FLAGS, RUN_FLAGS, SETTING_FLAGS, RunConfig, flag_words
+from .runs import item_keys, model_fingerprint, run_key
 from .schedule import inference_timesteps
 from .settings import METHODS, InvertSettings
 
@@ -34,11 +37,8 @@ PROG = "nti-invert"
 DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "toy", "model")
 DEFAULT_OUT = "outputs"
 DEFAULT_SETTINGS = InvertSettings()  # the paper's
-RUN_DEFAULTS = {"dtype": "float32", "batch_size": 1}  # batch size 1 fits any accelerator
+RUN_DEFAULTS = {"dtype": "float32", "batch_size": 1, "claim_timeout": 600.0}  # batch size 1 fits any accelerator
 DEFAULT_EDIT_GUIDANCE = "single-branch"  # the measured best with null-text inversion (RESULTS.md)
-# command-line option -> InvertSettings field
-SETTING_ARGS = {"method": "method", "steps": "num_steps", "guidance": "guidance_scale",
-                "inner_steps": "num_inner_steps", "early_stop_eps": "early_stop_epsilon"}
 
 EPILOG = """\
 manifest (--manifest FILE.jsonl), one JSON object a line; image paths are relative to the file:
@@ -59,13 +59,22 @@ outputs: OUT/<name>/{inversion.safetensors, input.png, reconstruction.png, edit-
   attention.png (each token's cross-attention, averaged over the 16x16-level layers and the
   steps, over the image; --attention: attention-edit-<k>-<words>.png too), metrics.json},
   OUT/index.html (the report), OUT/results.jsonl (one row per image: status done|skipped|failed|pending).
-  Reruns skip finished images. Exit status: 0 all done, 1 some image failed, 2 bad arguments,
+  Each image's metrics.json lists the size and SHA-256 of its files. Reruns skip finished images
+  whose files have their recorded sizes (--verify: and hashes) and redo the others (an intact
+  inversion is reused); --check OUT verifies a folder without running anything (exit 1 if any
+  image is damaged). Exit status: 0 all done, 1 some image failed, 2 bad arguments,
   130 interrupted (Ctrl-C / SIGTERM; finished images are kept).
+
+several workers: start the same command any number of times on one OUT (a job array, VMs that
+  may be preempted): each image is claimed by one worker (OUT/.nti-run/claims); the claim of a
+  worker that died is taken over at once on its host, else after --claim-timeout seconds without
+  its heartbeat. A worker with other settings is refused. Every worker merges results.jsonl and
+  the report from all workers' rows when it ends.
 
 devices and hosts: images are split over every local device (--batch-size rows per device).
   Several hosts: run the same command on each with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
   JAX_PROCESS_ID set (or --distributed on TPU pods / SLURM, where JAX finds them itself); each
-  process takes every num_processes-th image and process 0 merges OUT/results.jsonl. OUT must be
+  process takes every num_processes-th image; OUT/results.jsonl is merged from every process's rows. OUT must be
   a folder all hosts share.
 
 PIE-Bench (--pie-bench DATA_DIR [--pie-types 0,6]): brackets stripped, Refine with cross 0.4 /
@@ -175,19 +184,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=_nonnegative_int, metavar="I", help="this process's index (default $JAX_PROCESS_ID)")
     g.add_argument("--cache-dir", metavar="DIR", help="persistent compilation cache (default ~/.cache/nti-jax/jax-cache or $NTI_JAX_CACHE_DIR; 'none' disables)")
     g.add_argument("--force", action="store_true", help="redo images that a previous run finished")
+    g.add_argument("--verify", action="store_true", help="check finished images' files against their recorded SHA-256 (always: their sizes) before skipping them")
+    g.add_argument("--check", metavar="OUT", help="verify the finished images of output folder OUT (sizes and SHA-256) and run nothing: one line per damaged image, exit status 1 if any")
+    g.add_argument("--claim-timeout", type=_finite_float, metavar="S", help="seconds without a heartbeat after which another worker takes over a claimed image (default %(default)s; at once when the worker's pid is gone on this host)")
     g.add_argument("--step-progress", action="store_true", help="a progress bar over the diffusion steps of each batch (the inversion program is then not cached)")
     defaults = DEFAULT_SETTINGS.to_dict()
-    p.set_defaults(out=DEFAULT_OUT, **RUN_DEFAULTS, **{arg: defaults[field] for arg, field in SETTING_ARGS.items()})
+    p.set_defaults(out=DEFAULT_OUT, **RUN_DEFAULTS, **{_dest(flag): defaults[field] for field, flag in SETTING_FLAGS.items()})
     return p
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
 
 
 def settings_from_args(args) -> InvertSettings:
     """The validated inversion settings of the command line (a bad value: UsageError)."""
     try:
-        return InvertSettings(**{field: getattr(args, arg) for arg, field in SETTING_ARGS.items()})
+        return InvertSettings(**{field: getattr(args, _dest(flag)) for field, flag in SETTING_FLAGS.items()})
     except ValueError as e:
-        raise UsageError(str(e).replace("num_steps", "--steps").replace("guidance_scale", "--guidance")
-                         .replace("num_inner_steps", "--inner-steps").replace("early_stop_epsilon", "--early-stop-eps")) from None
+        raise UsageError(flag_words(str(e))) from None
+
+
+def config_from_args(args, edit_guidance: str) -> RunConfig:
+    """The run's one validated configuration, each field from its flag (`edit_guidance`: the
+    edit-guidance default of this kind of run); a bad value: UsageError."""
+    edits = {key: getattr(args, _dest(flag)) for key, flag in EDIT_FLAGS.items() if getattr(args, _dest(flag)) is not None}
+    try:
+        return RunConfig(settings=settings_from_args(args), edit_defaults=tuple({"guidance": edit_guidance, **edits}.items()),
+                         **{field: getattr(args, _dest(flag)) for field, flag in RUN_FLAGS.items()})
+    except ValueError as e:
+        raise UsageError(flag_words(str(e))) from None
 
 
 def _write_run_info(argv: list[str], args, out: str, devices, process_count: int) -> dict:
@@ -201,25 +227,8 @@ def _write_run_info(argv: list[str], args, out: str, devices, process_count: int
         "processes": process_count,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(os.path.join(out, "run.json"), info)
+    write_json(os.path.join(out, "run.json"), info)
     return info
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-
-
-def _apply_edit_defaults(items: list[Item], args, guidance: str) -> None:
-    """Every edit gets the command line's edit settings where it does not set its own (so they
-    are recorded in metrics.json and key the outputs)."""
-    defaults = {"guidance": args.edit_guidance or guidance}
-    for arg, key in (("mapping", "mapping"), ("prox_quantile", "prox_quantile"), ("recon_t", "recon_t"), ("recon_lr", "recon_lr")):
-        if getattr(args, arg) is not None:
-            defaults[key] = getattr(args, arg)
-    for it in items:
-        it.edits = [{**defaults, **e} for e in it.edits]
 
 
 def _pie_rows(args) -> list[dict]:
@@ -237,18 +246,16 @@ def _pie_rows(args) -> list[dict]:
 
 
 def _pie_items(rows: list[dict]) -> list[Item]:
-    items = [Item(index=k, image=r["image"], prompt=r["prompt"], edits=list(r["edits"]), name=r["name"]) for k, r in enumerate(rows)]
-    assign_names(items)
-    return items
+    return assign_names([Item(index=k, image=r["image"], prompt=r["prompt"], edits=tuple(r["edits"]), name=r["name"]) for k, r in enumerate(rows)])
 
 
-def _finish_run(info: dict, out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None) -> None:
-    """Process 0, after every image (and the merge): run.json's finish time, the PIE-Bench layout
-    and metrics when asked, and OUT/index.html."""
+def _finish_run(rows: list[dict], info: dict, out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None) -> None:
+    """A worker (process 0 of a multi-host run) after the merge: run.json's finish time, the
+    PIE-Bench layout and metrics once no image is pending, and OUT/index.html."""
     from .report import write_report
 
-    _write_json(os.path.join(out, "run.json"), dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
-    if pie_dir:
+    write_json(os.path.join(out, "run.json"), dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    if pie_dir and not any(r.get("status") == "pending" for r in rows):
         from .pie_metrics import evaluate
 
         try:
@@ -275,7 +282,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     try:
-        return _run(args, settings_from_args(args), sys.argv[1:] if argv is None else argv)
+        if args.check is not None:
+            return _check(args)
+        args.model = args.model or DEFAULT_MODEL
+        cfg = config_from_args(args, "plain" if args.pie_bench else DEFAULT_EDIT_GUIDANCE)
+        return _run(args, cfg, sys.argv[1:] if argv is None else argv)
     except UsageError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -284,7 +295,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
-def _run(args, settings: InvertSettings, argv: list[str]) -> int:
+def _check(args) -> int:
+    """--check OUT: one line per damaged image on stdout, a count on stderr; exit 1 if any."""
+    if args.image or args.manifest or args.pie_bench or args.edit:
+        raise UsageError("--check OUT verifies a folder and runs nothing: give it no images, manifest or edits")
+    if not os.path.isdir(args.check):
+        raise UsageError(f"--check: output folder {args.check} not found")
+    try:
+        lines, checked = check_folder(args.check)
+    except OSError as e:
+        raise UsageError(f"--check: {one_line(e)}") from None
+    for line in lines:
+        print(line)
+    print(f"{checked} finished image(s) checked in {args.check}: {len(lines)} damaged", file=sys.stderr)
+    return 1 if lines else 0
+
+
+def _run(args, cfg: RunConfig, argv: list[str]) -> int:
     import jax
 
     env = parallel.distributed_env()
@@ -303,36 +330,38 @@ def _run(args, settings: InvertSettings, argv: list[str]) -> int:
     pid, nproc = parallel.process_info()
     pie_rows = _pie_rows(args)
     items = _pie_items(pie_rows) if pie_rows else collect_items(args.image, args.prompt, args.manifest, args.edit or [], args.no_edits)
-    _apply_edit_defaults(items, args, "plain" if pie_rows else DEFAULT_EDIT_GUIDANCE)
+    # the edit defaults are recorded in metrics.json and key the outputs
+    items = [dataclasses.replace(it, edits=tuple(cfg.edit(e) for e in it.edits)) for it in items]
     check_items(items)
     devices = jax.local_devices()
     if args.num_devices:
         if args.num_devices > len(devices):
             raise UsageError(f"--num-devices {args.num_devices}, but this process has {len(devices)} device(s)")
         devices = devices[: args.num_devices]
-    model = args.model or DEFAULT_MODEL
-    args.model = model
+    model = cfg.model
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create the output folder {args.out}: {e.strerror or e}") from None
+    model_fp = model_fingerprint(model)
+    items = [dataclasses.replace(it, **dict(zip(("inversion_key", "key"), item_keys(it, cfg.settings, cfg.dtype, model_fp)))) for it in items]
+    log = Ledger(args.out, run_key(items, cfg), pid, nproc, force=cfg.force, verify=cfg.verify, timeout_s=cfg.claim_timeout)
+    log.register(cfg.outputs())
     try:
         pipe = load_pipeline(model, dtype=args.dtype)
     except NtiError as e:
         hint = " (the bundled toy model; pass --model)" if model == DEFAULT_MODEL else ""
         raise UsageError(f"cannot load the model{hint}: {e}") from None
     try:
-        inference_timesteps(pipe.scheduler_config, settings.num_steps)
+        inference_timesteps(pipe.scheduler_config, cfg.settings.num_steps)
     except ValueError as e:
         raise UsageError(f"--steps: {e}") from None
-    cfg = RunConfig(settings, model, args.dtype, args.batch_size, args.force, args.step_progress, args.attention, args.remat, args.max_device_memory)
-    log = RunLog(args.out, pid, nproc, force=args.force)
     barrier = parallel.FileBarrier(log.out, parallel.FileBarrier.new_token(), pid, nproc)
-    driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log, model_fingerprint(model))
+    driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log)
     if pid != 0:
         return driver.run(barrier)
     info = _write_run_info(argv, args, log.out, devices, nproc)
-    return driver.run(barrier, on_done=lambda: _finish_run(info, log.out, args.pie_bench, pie_rows))
+    return driver.run(barrier, on_done=lambda rows: _finish_run(rows, info, log.out, args.pie_bench, pie_rows))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """The batch driver: images in batches through `ShardedInverter.invert`, reconstruction and edits on
-every device, each image's files and results row through `runs.RunLog`.
+every device; each image claimed, its files written and its row kept through `ledger.Ledger`.
 
-Reruns skip finished images; an image that failed is retried; an image whose inversion was saved
-but whose edits failed is only edited again. A failing image is recorded and the run goes on.
+Reruns skip finished images whose files match their record; an image that failed, or whose files
+are damaged, is redone; an image whose inversion was saved intact but whose edits failed or were
+damaged is only edited again. A failing image is recorded and the run goes on. Several workers on
+one folder each take the images no one holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -15,34 +18,39 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from . import heatmaps, p2p
-from .errors import PromptError, PromptTruncatedWarning
+from .errors import PromptError, PromptTruncatedWarning, one_line
 from .inversion import Inversion
 from .io import load_image
+from .ledger import Ledger, State
 from .manifest import Item
 from .parallel import FileBarrier, ShardedInverter, host_share, per_device_batch
 from .pipeline import Pipeline
-from .runs import RunLog, add_reconstruction, edit_file, image_metrics, item_keys, one_line
-from .settings import InvertSettings
+from .records import damage
+from .run_config import RunConfig
+from .runs import add_reconstruction, image_metrics
+from .writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, edit_file
 
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """What the driver needs besides the items: the inversion settings and the run's options."""
+@dataclasses.dataclass
+class Work:
+    """What this run makes of one request: its pixels and controllers once prepared, its
+    warnings and heat maps, and why its finished files are redone (`repaired`)."""
 
-    settings: InvertSettings
-    model: str  # the folder or hub id, as recorded in metrics.json
-    dtype: str = "float32"
-    batch_size: int = 1  # images per device per batch
-    force: bool = False
-    step_progress: bool = False
-    attention: bool = False  # a heat-map PNG per edit too (attention.png per image always)
-    remat: str = "auto"  # the null-text gradient's memory mode (inversion.REMAT_MODES or auto)
-    max_device_memory: Optional[float] = None  # GiB an inversion may use per device (None: the free memory)
+    item: Item
+    repaired: Optional[str] = None
+    pixels: Optional[np.ndarray] = None
+    controllers: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
+    heatmaps: dict = dataclasses.field(default_factory=dict)  # PNG file name -> uint8 image
+
+    @property
+    def prompt(self):
+        return self.item.prompt
 
 
 class StepProgress:
@@ -61,55 +69,91 @@ class StepProgress:
                     self.bar.update(n - self.bar.n)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class Interrupts:
+    """SIGINT and SIGTERM as KeyboardInterrupt, held back while an image's record, claim and row
+    are written (`held`), so an interrupted run never leaves a finished image without its row."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, False
+
+    def __call__(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, in the main thread only (elsewhere signals cannot be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
 
 class Driver:
     """Runs this process's share of the items; `run()` returns the exit status."""
 
-    def __init__(self, cfg: RunConfig, pipe: Pipeline, items: list[Item], inverter: ShardedInverter, log: RunLog, model_fp: list):
+    def __init__(self, cfg: RunConfig, pipe: Pipeline, items: list[Item], inverter: ShardedInverter, log: Ledger):
         self.cfg, self.pipe, self.items, self.inverter, self.log = cfg, pipe, items, inverter, log
-        self.model_fp = model_fp
         self.per_device = 1
         self.total = 0
+        self.interrupts = Interrupts()
         self.step_progress = StepProgress() if cfg.step_progress and cfg.settings.method == "null-text" else None
 
     # -- one image ------------------------------------------------------------------------------
 
-    def prepare(self, it: Item) -> None:
+    def prepare(self, it: Item, repaired: Optional[str]) -> Work:
         """Load the image and check the prompts on the host (a failure here costs no device time)."""
         p = it.prompt
         if not isinstance(p, str) or not p.strip():
             raise PromptError(f"the source prompt must be a non-empty caption of the image, got {p!r}")
+        job = Work(it, repaired)
         cut = self.pipe.truncation(p)
         if cut is not None:  # recorded in metrics.json and results.jsonl instead of printed
-            it.warnings.append(f"the prompt is longer than the model's {self.pipe.max_tokens} tokens; cut: {cut!r}")
-        it.pixels = load_image(it.image, self.pipe.image_size, it.crop)
-        it.controllers = [self.controller(it, e) for e in it.edits]
+            job.warnings.append(f"the prompt is longer than the model's {self.pipe.max_tokens} tokens; cut: {cut!r}")
+        job.pixels = load_image(it.image, self.pipe.image_size, it.crop)
+        job.controllers = [self.controller(it, e) for e in it.edits]
+        return job
 
     @staticmethod
     def controller(it: Item, edit: dict):
         settings = {k: v for k, v in edit.items() if k != "prompt"}
         return p2p.controller_from_settings(it.prompt, [edit["prompt"]], settings)
 
-    def run_edits(self, pipe: Pipeline, inv: Inversion, it: Item) -> list:
-        """The item's edited images, one `edit` program per edit; their cross-attention maps become
-        the image's heat maps (`it.heatmaps`: attention.png, and one per edit with --attention)."""
+    def run_edits(self, pipe: Pipeline, inv: Inversion, job: Work) -> list:
+        """The image's edited images, one `edit` program per edit; their cross-attention maps become
+        its heat maps (`job.heatmaps`: attention.png, and one per edit with --attention)."""
         out, maps = [], []
-        for e, c in zip(it.edits, it.controllers):
+        for e, c in zip(job.item.edits, job.controllers):
             latents, m = p2p.edit_latents(pipe, inv, [e["prompt"]], controller=c)
             out.append(np.asarray(pipe.decode_latents(latents)))
             maps.append(np.asarray(m))
         first = maps[0][:1] if maps else p2p.attention_maps(pipe, inv)
-        it.heatmaps = {"attention.png": heatmaps.attention_sheet(pipe, inv.prompts[:1], it.pixels[None], first)}
+        job.heatmaps = {"attention.png": heatmaps.attention_sheet(pipe, inv.prompts[:1], job.pixels[None], first)}
         if self.cfg.attention:
-            for k, (e, images, m) in enumerate(zip(it.edits, out, maps)):
+            for k, (e, images, m) in enumerate(zip(job.item.edits, out, maps)):
                 sheet = heatmaps.attention_sheet(pipe, [inv.prompts[0], e["prompt"]], images, m)
-                it.heatmaps["attention-" + edit_file(k, e)] = sheet
+                job.heatmaps["attention-" + edit_file(k, e)] = sheet
         return out
 
-    def edit_one(self, it: Item, inv: Inversion) -> tuple[Optional[list], Optional[str], float]:
+    def edit_one(self, job: Work, inv: Inversion) -> tuple[Optional[list], Optional[str], float]:
         """(edited images or None, error or None, seconds) for one inverted image."""
         bad = np.asarray(inv.nonfinite[0])
         if bad.any():
@@ -117,47 +161,111 @@ class Driver:
             return None, f"non-finite loss or latents at {int(bad.sum())} of {bad.size} steps (first: step {first})", 0.0
         t = time.time()
         try:
-            edits = [np.asarray(x) for x in self.run_edits(self.inverter.replica(self.pipe, inv), inv, it)]
+            edits = [np.asarray(x) for x in self.run_edits(self.inverter.replica(self.pipe, inv), inv, job)]
             return edits, None, time.time() - t
         except Exception as e:  # noqa: BLE001 - recorded per image
             return None, one_line(e), time.time() - t
 
-    def edit_batch(self, batch: list[Item], invs: list[Inversion]) -> list[tuple]:
+    def edit_batch(self, batch: list[Work], invs: list[Inversion]) -> list[tuple]:
         """`edit_one` for every image; with several devices, one thread per device."""
         jobs = list(zip(batch, invs))
-        if self.inverter.num_devices == 1 or not any(it.edits for it in batch):
-            return [self.edit_one(it, inv) for it, inv in jobs]
+        if self.inverter.num_devices == 1 or not any(job.item.edits for job in batch):
+            return [self.edit_one(job, inv) for job, inv in jobs]
         devices = [inv.x_T.devices().pop() for inv in invs]
 
         def device_jobs(device):
-            return [(k, self.edit_one(it, inv)) for k, (it, inv) in enumerate(jobs) if devices[k] == device]
+            return [(k, self.edit_one(job, inv)) for k, (job, inv) in enumerate(jobs) if devices[k] == device]
 
         with ThreadPoolExecutor(max_workers=self.inverter.num_devices, thread_name_prefix="nti-edit") as pool:
             futures = [pool.submit(device_jobs, d) for d in dict.fromkeys(devices)]
             done = dict(kv for f in futures for kv in f.result())
         return [done[k] for k in range(len(jobs))]
 
-    def redo_edits(self, it: Item, prev: dict) -> None:
-        """The inversion is on disk from an earlier run; only the edits are (re)made."""
+    def redo_edits(self, it: Item, st: State) -> None:
+        """The inversion is on disk, intact, from an earlier run; the rest is (re)made."""
         t1 = time.time()
+        prev = st.prev
+        files = prev.get("files") if isinstance(prev.get("files"), dict) else {}
         metrics = dict(prev, key=it.key, status="running", edits=[])
-        metrics.pop("error", None)
+        for k in ("error", "files"):
+            metrics.pop(k, None)
+        w = ImageWriter(self.log.folder(it), {n: files[n] for n in (INVERSION, INPUT, RECONSTRUCTION) if n in files})
+        job = Work(it, st.damage)
         error = None
         try:
-            inv = Inversion.load(os.path.join(self.log.folder(it), "inversion.safetensors"))
-            it.controllers = [self.controller(it, e) for e in it.edits]
-            it.pixels = load_image(os.path.join(self.log.folder(it), "input.png"), self.pipe.image_size)
-            metrics["edits"] = self.log.save_edits(it, self.run_edits(self.pipe, inv, it))
-            self.log.save_heatmaps(it)
+            inv = Inversion.load(os.path.join(w.folder, INVERSION))
+            job.controllers = [self.controller(it, e) for e in it.edits]
+            job.pixels = load_image(os.path.join(w.folder, INPUT), self.pipe.image_size)
+            recon = files.get(RECONSTRUCTION)
+            if recon is not None and damage(w.folder, {RECONSTRUCTION: recon}, self.log.verify):
+                ((image, _, _),) = self.inverter.reconstruct(self.pipe, [inv])
+                w.png(RECONSTRUCTION, np.asarray(image))
+            metrics["edits"] = w.edits(it.edits, self.run_edits(self.pipe, inv, job))
+            w.heatmaps(job.heatmaps)
         except KeyboardInterrupt:
             raise
         except Exception as e:
             error = self.log.write_failed(e)  # a full disk also stops the run
-        self.log.close_image(it, metrics, error, prev.get("inversion_seconds", 0.0), t1)
+        self.close_image(job, w, metrics, error, prev.get("inversion_seconds", 0.0), t1)
+
+    def finish(self, job: Work, inv, recon_img, edits, error: Optional[str], metrics: dict, t1: float) -> None:
+        """Write the image's files, its record last, and its row. A finite inversion (`recon_img`
+        given) is kept even if its edits failed."""
+        it = job.item
+        w = ImageWriter(self.log.folder(it))
+        try:
+            os.makedirs(w.folder, exist_ok=True)
+            metrics["edits"] = []
+            w.png(INPUT, job.pixels)
+            if recon_img is not None:
+                w.inversion(inv)
+                metrics["inversion_key"] = it.inversion_key
+                w.png(RECONSTRUCTION, recon_img)
+                if error is None and edits:
+                    metrics["edits"] = w.edits(it.edits, edits)
+                if error is None:
+                    w.heatmaps(job.heatmaps)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            error = error or self.log.write_failed(e)
+        self.close_image(job, w, metrics, error, metrics["inversion_seconds"], t1)
+
+    def close_image(self, job: Work, w: ImageWriter, metrics: dict, error: Optional[str], inv_seconds: float, t1: float) -> None:
+        """Timings and status into the image's record (unless another worker took the image over
+        meanwhile: the record is then theirs), then its row."""
+        metrics["edit_seconds"] = round(time.time() - t1, 4)
+        metrics["seconds"] = round(inv_seconds + metrics["edit_seconds"], 4)
+        metrics["status"] = "failed" if error else "done"
+        if error:
+            metrics["error"] = error
+        metrics.update(worker=self.log.me.id, finished=time.time())
+        it = job.item
+        if not self.log.claims.mine(it.name):
+            self._say(f"dropped: {it.label}: another worker took it over (no heartbeat for --claim-timeout)")
+            return
+        with self.interrupts.held():
+            try:
+                w.record(metrics)
+            except OSError as e:
+                error, metrics["status"] = error or self.log.write_failed(e), "failed"
+            self.log.claims.finish(it.name)
+            self.log.record(it, metrics["status"], error, metrics, job.repaired)
+
+    def fail(self, it: Item, error: str) -> None:
+        """An image that failed before it had files: its row, and its claim closed."""
+        self.log.claims.finish(it.name)
+        self.log.record(it, "failed", error)
+
+    def _say(self, line: str) -> None:
+        if self.log.bar is not None:
+            self.log.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
     # -- a batch --------------------------------------------------------------------------------
 
-    def run_batch(self, batch: list[Item]) -> None:
+    def run_batch(self, batch: list[Work]) -> None:
         import jax
 
         t0 = time.time()
@@ -173,7 +281,7 @@ class Driver:
             raise
         except Exception as e:  # the whole batch failed (e.g. out of memory): record, go on
             for it in batch:
-                self.log.record(it, "failed", f"batch failed: {one_line(e)}")
+                self.fail(it.item, f"batch failed: {one_line(e)}")
             return
         finally:
             if step_bar is not None:
@@ -182,10 +290,10 @@ class Driver:
         t_inv = time.time() - t0
         for it, inv, (edits, error, edit_seconds), rec in zip(batch, invs, self.edit_batch(batch, invs), recon):
             t1 = time.time() - edit_seconds
-            metrics = image_metrics(it, inv, self.cfg, t_inv / len(batch))
+            metrics = image_metrics(it.item, inv, self.cfg, t_inv / len(batch), it.warnings)
             if not add_reconstruction(metrics, it.pixels, inv, *rec) and error is None:
                 error = "the reconstruction is not finite"
-            self.log.finish(it, inv, np.asarray(rec[0]) if metrics["psnr"] is not None else None, edits, error, metrics, t1)
+            self.finish(it, inv, np.asarray(rec[0]) if metrics["psnr"] is not None else None, edits, error, metrics, t1)
         self._batch_line(len(batch), t_inv)
 
     def _step_bar(self):
@@ -209,113 +317,127 @@ class Driver:
 
     # -- the run --------------------------------------------------------------------------------
 
-    def triage(self, share: list[Item]) -> tuple[list[Item], list[tuple[Item, dict]]]:
-        """Images to invert, and images whose saved inversion only needs its edits (re)made;
-        finished images are recorded as skipped."""
-        new, reuse = [], []
-        for it in share:
-            it.inversion_key, it.key = item_keys(it, self.cfg.settings, self.cfg.dtype, self.model_fp)
-            st, prev = self.log.state(it)
-            if st == "done":
-                self.log.record(it, "skipped", metrics=prev)
-            elif st == "taken":
-                self.log.record(it, "failed", self.log.taken(it, prev))
-            elif st == "reuse":
-                reuse.append((it, prev))
-            else:
-                new.append(it)
-        return new, reuse
+    def plan(self, it: Item) -> Optional[State]:
+        """What this worker does with the image, claimed; None when it does nothing: the image is
+        finished (a row "skipped" if an earlier run finished it), fails, or another worker has it."""
+        st = self.log.state(it)
+        if st.kind == "done" or st.kind == "taken":
+            return self._settled(it, st)
+        try:
+            if not self.log.claims.acquire(it.name):
+                return None
+        except OSError as e:  # the claim cannot be written (a full disk also stops the run)
+            self.log.record(it, "failed", self.log.write_failed(e))
+            return None
+        st = self.log.state(it)  # another worker may have finished it since
+        if st.kind in ("done", "taken"):
+            self.log.claims.release(it.name)
+            return self._settled(it, st)
+        if st.damage:
+            self._say(f"redoing {it.label}: {st.damage}")
+        return st
 
-    def loop(self, new: list[Item], reuse: list[tuple[Item, dict]]) -> None:
-        """Every image in batches; stops (the rest stay "pending") once a write found the disk full."""
-        for it, prev in reuse:
-            if self.log.stop:
-                return
-            self.redo_edits(it, prev)
+    def _settled(self, it: Item, st: State) -> None:
+        if st.kind == "done" and not self.log.writer_live(st.prev):
+            self.log.record(it, "skipped", metrics=st.prev)
+        elif st.kind == "taken":
+            self.log.record(it, "failed", self.log.taken(it, st.prev))
+        return None
+
+    def loop(self, share: list[Item]) -> None:
+        """Every image this worker can claim, in batches; stops (the rest stay "pending") once a
+        write found the disk full."""
         cap = self.per_device * self.inverter.num_devices
-        batch: list[Item] = []
-        for it in new:
+        batch: list[Work] = []
+        for it in share:
             if self.log.stop:
                 return
+            st = self.plan(it)
+            if st is None:
+                continue
+            if st.kind == "reuse":
+                self.redo_edits(it, st)
+                continue
             try:
-                self.prepare(it)
+                batch.append(self.prepare(it, st.damage))
             except KeyboardInterrupt:
                 raise
             except Exception as e:
-                self.log.record(it, "failed", one_line(e))
+                self.fail(it, one_line(e))
                 continue
-            batch.append(it)
             if len(batch) == cap:
                 self.run_batch(batch)
                 batch = []
         if batch and not self.log.stop:
             self.run_batch(batch)
 
-    def run(self, barrier: Optional[FileBarrier] = None, on_done: Optional[Callable[[], None]] = None) -> int:
+    def run(self, barrier: Optional[FileBarrier] = None, on_done: Optional[Callable[[list[dict]], None]] = None) -> int:
+        """This worker's part of the run, then results.jsonl merged and `on_done(rows)` (the
+        report) while no other worker merges; the exit status."""
         from tqdm import tqdm
 
         log = self.log
         share = [self.items[i] for i in host_share(len(self.items), log.pid, log.nproc)]
         self.total = len(share)
         log.open()
-        new, reuse = self.triage(share)
-        self.per_device = per_device_batch(self.cfg.batch_size, len(new), self.inverter.num_devices)
+        todo = sum(log.state(it, full=False).kind not in ("done", "taken") for it in share)
+        self.per_device = per_device_batch(self.cfg.batch_size, todo, self.inverter.num_devices)
         desc = "images" if log.nproc == 1 else f"images [process {log.pid}/{log.nproc}]"
         log.bar = tqdm(total=len(share), desc=desc, unit="img", dynamic_ncols=True, disable=None)
-        log.bar.update(log.counts["skipped"])
         t0 = time.time()
         interrupted = False
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
         try:
-            self.loop(new, reuse)
+            with self.interrupts.installed():
+                self.loop(share)
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
             elapsed = time.time() - t0
             log.bar.close()
             log.bar = None
-            rows = log.close(share)
-        return summary(self.log, rows, elapsed, interrupted, barrier, on_done)
+            log.close()
+        return summary(self.log, self.items, elapsed, interrupted, barrier, on_done)
 
 
-def summary(log: RunLog, rows: list[dict], elapsed: float, interrupted: bool, barrier, on_done) -> int:
-    """After this process's share: meet the other processes, merge (process 0), finish the run's
-    files (`on_done`), print the summary; the exit status."""
+def summary(log: Ledger, items: list[Item], elapsed: float, interrupted: bool, barrier, on_done) -> int:
+    """After this worker's part: meet the other processes of a multi-host run, merge results.jsonl
+    and finish the run's files (`on_done`) while no other worker merges, print the summary; the
+    exit status."""
     results = os.path.join(log.out, "results.jsonl")
-    merge_error = None
+    meet_error = None
     if log.nproc > 1 and not interrupted:
         try:
             barrier.wait("results")
-            if log.pid == 0:
-                rows = log.merge()
-        except Exception as e:  # another process died: this one's rows stay in its own file
-            merge_error = one_line(e)
-    if on_done is not None and (log.nproc == 1 or log.pid == 0) and merge_error is None:
-        try:
-            on_done()
-        except OSError as e:  # run.json's finish time, the report: the images are written already
-            print(f"could not finish the run's files: {one_line(e)}", file=sys.stderr)
+        except Exception as e:  # another process died: the merge below has what it wrote
+            meet_error = one_line(e)
+    with log.merged(items) as rows:
+        if on_done is not None and not interrupted:
+            try:
+                on_done(rows)
+            except OSError as e:  # run.json's finish time, the report: the images are written already
+                print(f"could not finish the run's files: {one_line(e)}", file=sys.stderr)
     count = lambda s: sum(r.get("status") == s for r in rows)
     done, skipped, failed, pending = count("done"), count("skipped"), count("failed"), count("pending")
+    others = sum(r.get("worker") != log.me.id and r.get("time", 0) >= log.me.started for r in rows if r.get("status") != "pending")
     rate = log.counts["done"] / elapsed if elapsed > 0 else 0.0
-    scope = "" if log.nproc == 1 else (" (all processes)" if log.pid == 0 else f" (process {log.pid})")
     line = f"{done} done, {skipped} skipped, {failed} failed"
+    if log.repaired:
+        line += f" ({log.repaired} redone: their files were damaged)"
     if pending:
         line += f", {pending} not reached"
-    line += f"{scope}; {elapsed:.1f} s, {rate:.3g} images/s"
+    if log.nproc > 1:
+        line += " (all processes)"
+    elif others:
+        line += f" ({others} by other workers)"
+    line += f"; {elapsed:.1f} s, {rate:.3g} images/s"
     if log.nproc > 1:
         line += f" on process {log.pid}"
     print(("interrupted: " if interrupted else "") + line)
     if log.stop:
         print(f"stopped: {log.stop}; every later image would fail the same way: make room and rerun (finished images are kept)", file=sys.stderr)
-    if merge_error:
-        print(f"could not merge the processes' results ({merge_error}); see {log.out}/results.<process>.jsonl", file=sys.stderr)
-    elif log.nproc == 1 or log.pid == 0:
-        print(f"outputs in {log.out} (per image: <name>/; index: {results})")
-    else:
-        print(f"outputs in {log.out}; process 0 merges {results}")
+    if meet_error:
+        print(f"could not wait for the other processes ({meet_error}); {results} has what they wrote so far", file=sys.stderr)
+    print(f"outputs in {log.out} (per image: <name>/; index: {results})")
     if interrupted:
         return 130
-    return 1 if failed or merge_error or log.stop else 0
+    return 1 if failed or meet_error or log.stop else 0

@@ -23,3 +23,18 @@ class OptimisationError(NtiError):
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt longer than the text encoder's limit (77 tokens) was cut to it, as diffusers does."""
+
+
+class UsageError(Exception):
+    """A bad argument or input file: one line on stderr, exit status 2."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line for the user, without Python's class names (an exception with no
+    message says only what kind of failure it was)."""
+    msg = " ".join(str(e).split())
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in msg:
+        return "out of memory" + (f" ({msg})" if msg else "") + "; use a smaller --batch-size"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return msg or f"unexpected failure ({type(e).__name__})"

@@ -17,8 +17,7 @@ import os
 import re
 from typing import Optional, Sequence
 
-import numpy as np
-
+from .errors import UsageError
 from .p2p import SETTINGS_KEYS, controller_from_settings
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -27,26 +26,21 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EDIT_KEYS = ("prompt",) + SETTINGS_KEYS
 
 
-class UsageError(Exception):
-    """A bad argument or input file: one line on stderr, exit status 2."""
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Item:
+    """One image's request, immutable: the image, its caption and edits, its output folder; and,
+    once the run is set up, the keys of its outputs (`runs.item_keys`). What a run makes of it is
+    the driver's `Work`."""
+
     index: int
     image: str
     prompt: object
-    edits: list
+    edits: tuple
     name: str = ""
     crop: Optional[tuple] = None
     where: str = ""  # "manifest:line" of a manifest row
-    # filled while running
     key: str = ""
     inversion_key: str = ""
-    pixels: Optional[np.ndarray] = None
-    controllers: list = dataclasses.field(default_factory=list)
-    warnings: list = dataclasses.field(default_factory=list)
-    heatmaps: dict = dataclasses.field(default_factory=dict)  # PNG file name -> uint8 image
 
     @property
     def label(self) -> str:
@@ -56,7 +50,7 @@ class Item:
 ROW_KEYS = ("image", "prompt", "edits", "name", "crop")
 
 
-def _check_edits(edits, where: str, source: str) -> list:
+def _check_edits(edits, where: str, source: str) -> tuple:
     """The row's edits as {prompt, settings} dicts, each turned into a controller once so a bad
     setting stops the run here, naming the line (words are checked per image, with the tokenizer)."""
     if not isinstance(edits, list):
@@ -72,7 +66,7 @@ def _check_edits(edits, where: str, source: str) -> list:
             raise UsageError(f"{where}: edit {k + 1} has unknown setting(s) {', '.join(unknown)} (known: {', '.join(EDIT_KEYS[1:])})")
         check_edit(source, e, f"{where}: edit {k + 1}")
         out.append(dict(e))
-    return out
+    return tuple(out)
 
 
 def check_edit(source: str, edit: dict, where: str) -> None:
@@ -153,9 +147,7 @@ def read_manifest(path: str) -> list[Item]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-        item = _row_item(row, where, base)
-        item.index = len(items)
-        items.append(item)
+        items.append(dataclasses.replace(_row_item(row, where, base), index=len(items)))
     if not items:
         raise UsageError(f"manifest {path} lists no images")
     return items
@@ -202,7 +194,7 @@ def collect_items(
         raise UsageError("--prompt is empty; give the image's caption")
     if any(not e.strip() for e in edits):
         raise UsageError("--edit is empty; give a target caption")
-    extra = [{"prompt": e, "kind": "auto"} for e in edits]
+    extra = tuple({"prompt": e, "kind": "auto"} for e in edits)
     if images:
         files = expand_images(images)
         items = []
@@ -210,27 +202,24 @@ def collect_items(
             caption = prompt if prompt is not None else _sidecar_caption(f)
             if caption is None:
                 raise UsageError(f"--prompt is required with --image (or a caption in {os.path.splitext(f)[0]}.txt)")
-            items.append(Item(index=k, image=f, prompt=caption, edits=list(extra)))
+            items.append(Item(index=k, image=f, prompt=caption, edits=extra))
     else:
         if prompt is not None:
             raise UsageError("--prompt goes with --image; a manifest carries its own prompts")
-        items = read_manifest(manifest or DEFAULT_MANIFEST)
-        for it in items:
-            it.edits = it.edits + list(extra)
+        items = [dataclasses.replace(it, edits=it.edits + extra) for it in read_manifest(manifest or DEFAULT_MANIFEST)]
     if no_edits:
-        for it in items:
-            it.edits = []
-    assign_names(items)
-    return items
+        items = [dataclasses.replace(it, edits=()) for it in items]
+    return assign_names(items)
 
 
 def _folder_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
 
 
-def assign_names(items: list[Item]) -> None:
-    """Output folder names: the row's "name" (two rows naming the same folder: UsageError), else the
-    image's file stem made unique in manifest order (a suffix -2, -3, ...; never a name a row gave)."""
+def assign_names(items: list[Item]) -> list[Item]:
+    """The items with their output folder names: the row's "name" (two rows naming the same
+    folder: UsageError), else the image's file stem made unique in manifest order (a suffix -2,
+    -3, ...; never a name a row gave)."""
     given: dict[str, Item] = {}
     for it in items:
         if it.name:
@@ -240,13 +229,15 @@ def assign_names(items: list[Item]) -> None:
                 raise UsageError(f"{it.where or it.image}: \"name\" {it.name!r} is also the output folder of {first.where or first.image} ({name!r}); give each row its own name")
             given[name] = it
     seen = set(given)
+    out = []
     for it in items:
         if it.name:
-            it.name = _folder_name(it.name)
+            out.append(dataclasses.replace(it, name=_folder_name(it.name)))
             continue
         base = _folder_name(os.path.splitext(os.path.basename(it.image))[0])
         name, k = base, 2
         while name in seen:
             name, k = f"{base}-{k}", k + 1
         seen.add(name)
-        it.name = name
+        out.append(dataclasses.replace(it, name=name))
+    return out

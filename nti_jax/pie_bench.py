@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .io import atomic_path, load_image
+from .records import read_json, write_jsonl
 
 FRAME = 512  # PIE-Bench images and masks are 512x512
 TYPES = {
@@ -213,9 +214,7 @@ def read_benchmark(data_dir: str, types: Optional[set[str]] = None) -> list[dict
 
 def write_manifest(rows: Iterable[dict], path: str) -> str:
     """The rows as a JSONL manifest for `nti-invert --manifest` (absolute image paths)."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(path, rows)
     return path
 
 
@@ -261,13 +260,8 @@ def to_frame(image: np.ndarray) -> np.ndarray:
 
 
 def _result(out_dir: str, row: dict) -> Optional[dict]:
-    path = os.path.join(out_dir, row["name"], "metrics.json")
-    try:
-        with open(path) as f:
-            m = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return m if isinstance(m, dict) and m.get("status") == "done" and m.get("edits") else None
+    m = read_json(os.path.join(out_dir, row["name"], "metrics.json"))
+    return m if m is not None and m.get("status") == "done" and m.get("edits") else None
 
 
 def pnp_image_path(out_dir: str, method: str, image_path: str) -> str:

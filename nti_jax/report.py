@@ -24,7 +24,8 @@ from typing import Optional
 from .errors import NtiError
 from .io import atomic_path
 from .report_page import CSS, JS, Page, duration, esc, kv_rows
-from .report_rows import STATUSES, number, read_json, table_html
+from .records import read_json, read_jsonl
+from .report_rows import STATUSES, number, table_html
 
 REPORT_NAME = "index.html"
 SETTING_KEYS = (  # run.json "args" shown at the top, in this order
@@ -47,25 +48,6 @@ class ReportError(NtiError):
 # reading OUT
 
 
-def _read_jsonl(path: str) -> tuple[list[dict], int]:
-    """Rows of a JSON-lines file and the number of lines that were not a JSON object."""
-    rows, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                bad += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad += 1
-    return rows, bad
-
-
 def _read_results(out: str) -> tuple[list[dict], int, list[str]]:
     """(rows in manifest order, unreadable lines, the files read): results.jsonl, else the
     per-process results.<p>.jsonl files of a multi-host run that was not merged."""
@@ -76,7 +58,7 @@ def _read_results(out: str) -> tuple[list[dict], int, list[str]]:
     rows, bad = [], 0
     try:
         for path in files:
-            r, b = _read_jsonl(path)
+            r, b = read_jsonl(path)
             rows += r
             bad += b
     except OSError as e:

@@ -9,6 +9,7 @@ import math
 import os
 from typing import Optional
 
+from .records import read_json
 from .report_page import Page, data_num, db, duration, esc
 
 STATUSES = ("done", "skipped", "failed", "pending")
@@ -25,16 +26,6 @@ HEAD_CELLS = (  # (data-key, data-type, label) of the table's columns; the proce
     ("", "", "edits"),
     ("", "", "attention"),
 )
-
-
-def read_json(path: str) -> Optional[dict]:
-    """The JSON object in `path`; None if it is missing, unreadable or not an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _inside(out: str, path: str) -> bool:

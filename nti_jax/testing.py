@@ -170,6 +170,22 @@ def unet_output(pipe, latents, timestep, context) -> jax.Array:
     return _unet_call(Denoiser.of(pipe), jnp.asarray(latents, jnp.float32), jnp.asarray(timestep), jnp.asarray(context, jnp.float32))
 
 
+def make_mini_sd(folder: str, seed: int = 3) -> str:
+    """The command-line tests' model: the UNET_MINI UNet with the tiny VAE and text encoder."""
+    return save_sd_folder(folder, tiny_unet(UNET_MINI, seed), tiny_vae(seed=seed), tiny_text_encoder(seed=seed))
+
+
+def script_env(cache_dir: str, **extra: str) -> dict:
+    """The environment of a `scripts/invert.py` subprocess in a test: this checkout's package, the
+    compilation cache `cache_dir`, and no jax.distributed or XLA variables but those in `extra`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NTI_JAX_CACHE_DIR=cache_dir, PYTHONPATH=root, **extra)
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref| in float64: the tests' one measure of agreement."""
     import numpy as np

@@ -38,6 +38,12 @@ def no_distributed_env(monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """The command-line tests' tiny model folder (`testing.make_mini_sd`), one per module."""
+    return testing.make_mini_sd(str(tmp_path_factory.mktemp("mini-sd")))
+
+
+@pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny random SD 1.x diffusers folder (seed 3), one per module; modules with another model
     define their own `folder` / `pipe`."""

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import nti_jax
-from nti_jax import cli, driver, manifest, runs, testing
+from nti_jax import cli, driver, manifest, records, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,19 +27,6 @@ FAST = ["--steps", "5", "--inner-steps", "3", "--early-stop-eps", "1.0", "--batc
 
 # Module-wide: a compilation cache in a temporary folder, no jax.distributed variables (conftest.py).
 pytestmark = pytest.mark.usefixtures("cache_dir", "no_distributed_env")
-
-
-UNET_MINI = testing.UNET_MINI
-
-
-def make_mini_sd(folder: str, seed: int = 3) -> str:
-    unet, vae, text = testing.tiny_unet(UNET_MINI, seed), testing.tiny_vae(seed=seed), testing.tiny_text_encoder(seed=seed)
-    return testing.save_sd_folder(folder, unet, vae, text)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_mini_sd(str(tmp_path_factory.mktemp("mini-sd")))
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +56,7 @@ def null(model):
 
 
 def rows(out):
-    return runs.read_jsonl(os.path.join(out, "results.jsonl"))
-
-
-def subprocess_env(cache_dir, **extra):
-    env = dict(os.environ, NTI_JAX_CACHE_DIR=cache_dir, PYTHONPATH=ROOT, **extra)
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
-        if var not in extra:
-            env.pop(var, None)
-    return env
+    return records.read_jsonl(os.path.join(out, "results.jsonl"))[0]
 
 
 def assert_same_inversions(a, b, names, null):
@@ -141,7 +120,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):
 def test_script_bad_model_is_one_line_no_traceback(tmp_path, cache_dir):
     p = subprocess.run(
         [sys.executable, SCRIPT, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300, env=subprocess_env(cache_dir),
+        capture_output=True, text=True, timeout=300, env=testing.script_env(cache_dir),
     )
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and "cannot load the model" in p.stderr and "Traceback" not in p.stderr
@@ -160,7 +139,7 @@ def test_no_argument_run(model, tmp_path, monkeypatch, capsys):
     assert cli.main([]) == 0
     out = tmp_path / "outputs"
     assert str(out) in capsys.readouterr().out
-    samples = runs.read_jsonl(manifest.DEFAULT_MANIFEST)
+    samples = records.read_jsonl(manifest.DEFAULT_MANIFEST)[0]
     got = rows(out)
     assert [r["status"] for r in got] == ["done"] * len(samples) and len(samples) >= 2
     for row, sample in zip(got, samples):
@@ -272,7 +251,7 @@ def test_four_devices_equal_one_device(single, six, model, null, tmp_path, cache
     p = subprocess.run(
         [sys.executable, SCRIPT, "--model", model, "--manifest", str(six / "manifest.jsonl"), "--out", str(out), "--no-edits"] + FAST,
         capture_output=True, text=True, timeout=900,
-        env=subprocess_env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        env=testing.script_env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(json.loads((out / "run.json").read_text())["devices"]) == 4
@@ -294,7 +273,7 @@ def test_two_processes_equal_one_process(single, six, model, null, tmp_path, cac
     procs = [
         subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=subprocess_env(cache_dir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(p)),
+            env=testing.script_env(cache_dir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(p)),
         )
         for p in range(2)
     ]
@@ -309,7 +288,8 @@ def test_two_processes_equal_one_process(single, six, model, null, tmp_path, cac
     assert "6 done, 0 skipped, 0 failed (all processes)" in outs[0][0]
     merged = rows(out)
     assert [r["index"] for r in merged] == list(range(6)) and [r["process"] for r in merged] == [0, 1] * 3
-    assert (out / "results.0.jsonl").is_file() and (out / "results.1.jsonl").is_file()
+    parts = sorted((out / ".nti-run" / "rows").glob("*.jsonl"))  # each process's own rows
+    assert len(parts) == 2 and sorted(r["process"] for p in parts for r in records.read_jsonl(str(p))[0]) == [0, 0, 0, 1, 1, 1]
     ref = rows(single)
     assert [(r["name"], r["status"], r["inner_iterations"]) for r in merged] == [(r["name"], r["status"], r["inner_iterations"]) for r in ref]
     for r, s in zip(merged, ref):

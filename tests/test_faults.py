@@ -28,7 +28,7 @@ from PIL import Image
 
 import nti_jax
 import nti_jax.io
-from nti_jax import cli, manifest, p2p, runs, testing
+from nti_jax import cli, ledger, manifest, p2p, records, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,13 +40,6 @@ CAPTION = "a blue square on a purple background"
 
 # Module-wide: a compilation cache in a temporary folder, no jax.distributed variables (conftest.py).
 pytestmark = pytest.mark.usefixtures("cache_dir", "no_distributed_env")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mini-sd"))
-    unet, vae, text = testing.tiny_unet(testing.UNET_MINI, 3), testing.tiny_vae(seed=3), testing.tiny_text_encoder(seed=3)
-    return testing.save_sd_folder(folder, unet, vae, text)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,7 @@ def assert_clean_stderr(err: str) -> None:
 
 
 def rows(out) -> list[dict]:
-    return runs.read_jsonl(os.path.join(out, "results.jsonl"))
+    return records.read_jsonl(os.path.join(out, "results.jsonl"))[0]
 
 
 def write_manifest(path, lines: list[dict]) -> str:
@@ -536,11 +529,45 @@ def test_folder_of_another_image_is_never_overwritten(model, scenes, tmp_path, c
     assert finished(out, ["x"]) == before
 
 
-def subprocess_env(cache_dir) -> dict:
-    env = dict(os.environ, NTI_JAX_CACHE_DIR=cache_dir, PYTHONPATH=ROOT)
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS"):
-        env.pop(var, None)
-    return env
+def test_damaged_results_are_redone_and_checked(model, scenes, tmp_path, capsys):
+    """Truncated, deleted and bit-flipped result files: --check names each damaged image (exit 1);
+    a rerun redoes what the size check finds (an intact inversion is reused) and says so, a rerun
+    with --verify what only the SHA-256 finds; then every file is intact (--check: exit 0)."""
+    out = tmp_path / "out"
+    argv = ["--model", model, "--image", str(scenes / "img[0-2].png"), "--prompt", "a shape", "--out", str(out), "--no-edits"] + FAST
+    assert cli.main(argv) == 0
+    inv = {n: out / n / "inversion.safetensors" for n in ("img0", "img1", "img2")}
+    stamp = {n: f.stat().st_mtime_ns for n, f in inv.items()}
+    recon = (out / "img1" / "reconstruction.png").read_bytes()
+    size = inv["img0"].stat().st_size
+    inv["img0"].write_bytes(inv["img0"].read_bytes()[:1000])
+    (out / "img1" / "reconstruction.png").unlink()
+    flipped = bytearray((out / "img2" / "reconstruction.png").read_bytes())
+    flipped[len(flipped) // 2] ^= 1
+    (out / "img2" / "reconstruction.png").write_bytes(bytes(flipped))
+    capsys.readouterr()
+    assert cli.main(["--check", str(out)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"img0: inversion.safetensors is 1000 bytes, recorded {size}", "img1: reconstruction.png is missing",
+                     "img2: reconstruction.png does not match its recorded SHA-256"]
+    assert cli.main(argv) == 0  # sizes only: the bit flip passes
+    std = capsys.readouterr()
+    assert_clean_stderr(std.err)
+    assert "2 done, 1 skipped, 0 failed (2 redone: their files were damaged)" in std.out
+    assert "redoing img0: inversion.safetensors is 1000 bytes" in std.err
+    got = {r["name"]: r for r in rows(out)}
+    assert [got[n]["status"] for n in inv] == ["done", "done", "skipped"]
+    assert got["img0"]["repaired"].startswith("inversion.safetensors is 1000 bytes") and got["img1"]["repaired"] == "reconstruction.png is missing"
+    assert inv["img0"].stat().st_mtime_ns != stamp["img0"] and inv["img1"].stat().st_mtime_ns == stamp["img1"]  # reused
+    assert (out / "img1" / "reconstruction.png").read_bytes() == recon
+    assert cli.main(argv + ["--verify"]) == 0
+    assert_clean_stderr(capsys.readouterr().err)
+    got = {r["name"]: r for r in rows(out)}
+    assert [got[n]["status"] for n in inv] == ["skipped", "skipped", "done"]
+    assert "does not match" in got["img2"]["repaired"] and inv["img2"].stat().st_mtime_ns == stamp["img2"]
+    assert cli.main(["--check", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    assert nti_jax.Inversion.load(str(inv["img0"])).num_images == 1
 
 
 def run_until_first_image(model, scenes, out, cache_dir, tmp_path) -> subprocess.Popen:
@@ -548,7 +575,7 @@ def run_until_first_image(model, scenes, out, cache_dir, tmp_path) -> subprocess
     cmd = [sys.executable, SCRIPT, "--model", model, "--image", str(scenes / "img*.png"), "--prompt", "a shape",
            "--out", str(out), "--no-edits"] + FAST
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=subprocess_env(cache_dir))
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=testing.script_env(cache_dir))
     t0 = time.time()
     while not (out / "img0" / "metrics.json").exists():
         if proc.poll() is not None or time.time() - t0 > 600:
@@ -652,7 +679,8 @@ def test_disk_full(kind, model, scenes, tmp_path, capsys):
         assert f"stopped: {words}" in err
         got = rows(out)
         assert [r["status"] for r in got] == ["skipped", "failed", "pending", "pending"]
-        assert got[1]["error"].startswith(f"{words}: {out / 'img1'}"), got[1]["error"]
+        # the first file of img1 that did not fit: one in its folder, or its claim
+        assert got[1]["error"].startswith((f"{words}: {out / 'img1'}", f"{words}: {out / '.nti-run' / 'claims' / 'img1'}")), got[1]["error"]
         assert_one_line(got[1]["error"])
         assert finished(out, ["img0"]) == before
         assert not [f for d in os.listdir(out) if os.path.isdir(out / d) for f in os.listdir(out / d) if f.startswith(".tmp-")]
@@ -663,11 +691,12 @@ def test_disk_full(kind, model, scenes, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["tmpfs", "fsize"])
 def test_results_file_on_a_full_disk(kind, tmp_path, capsys):
-    """Rows that cannot be appended to results.jsonl are kept and the run told to stop; the final
-    rewrite that fails too is one line on stderr, and the rows are still returned."""
+    """Rows that cannot be appended to the worker's rows file are kept and the run told to stop;
+    the final rewrite and the merge that fail too are one line each on stderr, and the rows are
+    still returned."""
     share = [manifest.Item(index=k, image=f"img{k}.png", prompt="a shape", edits=[], name=f"img{k}") for k in range(40)]
     with small_disk(tmp_path / "disk", kind) as used:
-        log = runs.RunLog(str(tmp_path / "disk" / "out"))
+        log = ledger.Ledger(str(tmp_path / "disk" / "out"), "key")
         log.open()
         with full_disk(tmp_path / "disk", used) as words:
             if used == "tmpfs":  # not even the last 16 KB
@@ -677,8 +706,11 @@ def test_results_file_on_a_full_disk(kind, tmp_path, capsys):
                 resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
             for it in share[:30]:
                 log.record(it, "failed", "x" * 600)
-            got = log.close(share)
+            log.close()
+            with log.merged(share) as got:
+                pass
     assert log.stop is not None and log.stop.startswith(words), log.stop
     assert [r["status"] for r in got] == ["failed"] * 30 + ["pending"] * 10
     err = capsys.readouterr().err
     assert f"could not write {log.path}: {words}" in err and "Traceback" not in err
+    assert f"could not write {log.out}/results.jsonl: {words}" in err

@@ -1,18 +1,15 @@
-"""nti_jax.parallel: the sharded inversion program, host shares, results files, cache settings.
+"""nti_jax.parallel: the sharded inversion program, host shares, cache settings.
 
 The multi-device and multi-process runs themselves are exercised end to end in test_cli.py
 (subprocesses, since XLA flags and jax.distributed must be set before JAX starts).
 """
-
-import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax import inversion, parallel, runs, testing
+from nti_jax import inversion, parallel, testing
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 
@@ -79,19 +76,6 @@ def test_padding_and_per_device_batch():
     assert parallel.per_device_batch(4, 6, 4) == 2
     assert parallel.per_device_batch(1, 100, 8) == 1
     assert parallel.per_device_batch(4, 0, 2) == 1
-
-
-def test_results_files_merge_in_manifest_order(tmp_path):
-    assert runs.results_file(str(tmp_path), 0, 1).endswith("results.jsonl")
-    assert runs.results_file(str(tmp_path), 1, 3).endswith("results.1.jsonl")
-    p0, p1 = (runs.results_file(str(tmp_path), p, 2) for p in (0, 1))
-    runs.write_jsonl(p0, [{"index": 0, "status": "done"}, {"index": 2, "status": "failed"}])
-    with open(p1, "w") as f:  # a process killed mid-write leaves a torn last line
-        f.write(json.dumps({"index": 1, "status": "done"}) + "\n" + '{"index": 3, "sta')
-    rows = runs.merge_jsonl(str(tmp_path / "results.jsonl"), [p0, p1, str(tmp_path / "results.9.jsonl")])
-    assert [r["index"] for r in rows] == [0, 1, 2]
-    assert runs.read_jsonl(str(tmp_path / "results.jsonl")) == rows
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
 def test_cache_dir_and_distributed_settings_from_the_environment(monkeypatch, tmp_path):
