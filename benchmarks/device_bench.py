@@ -28,6 +28,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -171,6 +172,7 @@ def run_invert(model_kind: str, dtype: str, batch: int, steps: int, inner: int, 
         row["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     if profile:  # last, and never at the cost of the figures above
         try:
+            shutil.rmtree(trace_dir, ignore_errors=True)  # top_ops reads the one trace there
             t = time.time()
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 jax.block_until_ready(compiled(model, timed))

@@ -9,7 +9,8 @@
 # torch, transformers and diffusers only for the PyTorch reference (the last point). diffusers,
 # if missing, is installed from wheels carried in the git-ignored .cache/device_bench/wheels/
 # (fill it here first: `pip download diffusers importlib_metadata --no-deps -d .cache/device_bench/wheels`).
-# Environment: BUDGET_S (default 480) seconds for all points; POINTS, a comma-separated subset.
+# Environment: BUDGET_S (default 480) seconds for all points; POINTS, a comma-separated subset;
+# CACHE_DIR (default .cache/device_bench) for the compilation cache and the profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -30,4 +31,5 @@ if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
     fi
 fi
 rm -f "$OUT"
-exec "$PYTHON" benchmarks/device_bench.py "${DRY[@]}" --out "$OUT" --budget "${BUDGET_S:-480}" --points "${POINTS:-}"
+exec "$PYTHON" benchmarks/device_bench.py "${DRY[@]}" --out "$OUT" --budget "${BUDGET_S:-480}" --points "${POINTS:-}" \
+    --cache "${CACHE_DIR:-$CACHE}"

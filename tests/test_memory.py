@@ -146,7 +146,7 @@ def test_device_bench_dry_run(tmp_path):
     from benchmarks import device_bench
 
     out = tmp_path / "bench.jsonl"
-    env = dict(os.environ, PYTHON=sys.executable, BUDGET_S="600")
+    env = dict(os.environ, PYTHON=sys.executable, BUDGET_S="600", CACHE_DIR=str(tmp_path / "cache"))  # a cold cache
     res = subprocess.run([os.path.join(ROOT, "benchmarks", "device_bench.sh"), "--dry-run", str(out)], env=env,
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
