@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--edit-guidance", choices=GUIDANCE, help="edit-time guidance (default: single-branch, which keeps null-text edits from overshooting, see benchmarks/RESULTS.md; plain under --pie-bench, as its authors ran it)")
     g.add_argument("--attention", action="store_true", help="also a heat-map PNG per edit (source and target tokens' cross-attention; attention.png per image is always written)")
     g.add_argument("--mapping", choices=("original", "aligned"), help="Replace's token mapper (default original, the authors'; aligned fixes swaps that change the token count)")
-    g.add_argument("--prox-quantile", type=_finite_float, metavar="Q", help="proximal guidance: quantile of |eps_c - eps_u| kept (default 0.75)")
+    g.add_argument("--prox-quantile", type=_finite_float, metavar="Q", help="proximal guidance: quantile of |eps_c - eps_u| kept (default 0.75); Q <= 0: a fixed threshold of -Q, as ProxEdit")
     g.add_argument("--recon-t", type=_nonnegative_int, metavar="T", help="proximal guidance: pull toward the inversion below this timestep (default 400)")
     g.add_argument("--recon-lr", type=_finite_float, metavar="LR", help="proximal guidance: weight of that pull (default 1)")
     g = p.add_argument_group("inversion")
