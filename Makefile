@@ -20,5 +20,6 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) scripts/invert.py
 
+# Two workers, one per core, each test file whole on one of them (its module fixtures built once).
 test: $(VENV)/.test
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
