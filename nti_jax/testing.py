@@ -203,3 +203,107 @@ def unchecked(settings, **fields):
     for k, v in fields.items():
         object.__setattr__(out, k, v)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL (issue 20): a tiny random folder laid out like stabilityai/stable-diffusion-xl-base-1.0
+# --------------------------------------------------------------------------------------------
+
+# The hub's sdxl-base scheduler/scheduler_config.json (an EulerDiscreteScheduler, written by
+# diffusers 0.19.0.dev0), minus the "_class_name"/"_diffusers_version" bookkeeping. It carries
+# DDIM/PNDM keys Euler itself does not take (clip_sample, set_alpha_to_one, skip_prk_steps,
+# sample_max_value); diffusers keeps them in the scheduler's config, so
+# DDIMScheduler.from_config(pipe.scheduler.config) sees set_alpha_to_one=False, clip_sample=False.
+SDXL_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+# SDXL's VAE settings: scaling factor 0.13025, and the pipeline upcasts it to float32.
+VAE_XL = dict(VAE_TINY, scaling_factor=0.13025, force_upcast=True)
+# text_encoder: CLIP ViT-L's kind (quick_gelu, no projection); text_encoder_2: OpenCLIP bigG's kind
+# (gelu, a text projection giving the pooled embedding; pad_token_id 0 as in the hub's config).
+# Penultimate hidden states 32 + 32 = UNET_XL's cross_attention_dim; projection 32 = its pooled part.
+TEXT_XL_1 = dict(TEXT_TINY, hidden_size=32)
+TEXT_XL_2 = dict(TEXT_TINY, hidden_size=32, projection_dim=32, hidden_act="gelu", pad_token_id=0)
+# tokenizer_2 differs from tokenizer only in its pad token: "!" (id 0) instead of <|endoftext|>.
+SDXL_PAD_TOKEN_2 = "!"
+
+
+def _write_tokenizer(dst: str, pad_token: str | None = None) -> None:
+    """The shipped CLIP tokenizer files (vocab.json, merges.txt, special_tokens_map.json,
+    tokenizer_config.json) in `dst`, replacing whatever is there; `pad_token` overrides the pad
+    token in both json files (SDXL's tokenizer_2)."""
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    shutil.copytree(TOKENIZER_DIR, dst)
+    if pad_token is not None:
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            path = os.path.join(dst, name)
+            with open(path) as f:
+                cfg = json.load(f)
+            cfg["pad_token"] = pad_token
+            with open(path, "w") as f:
+                json.dump(cfg, f, indent=2)
+
+
+def tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = True):
+    """A torch diffusers StableDiffusionXLPipeline of tiny random (perturbed) components."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet = tiny_unet(UNET_XL, seed)
+    vae = tiny_vae(VAE_XL, seed)
+    te1 = tiny_text_encoder(TEXT_XL_1, seed)
+    torch.manual_seed(seed + 1)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_XL_2)).eval()
+    perturb_(te2, seed + 1)
+    tok1 = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok2 = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=SDXL_PAD_TOKEN_2)
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tok1,
+        tokenizer_2=tok2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+
+
+def make_tiny_sdxl(folder: str, seed: int = 0, fp16_variant: bool = False) -> str:
+    """A complete tiny random SDXL folder in the hub's sdxl-base layout: model_index.json
+    (StableDiffusionXLPipeline, force_zeros_for_empty_prompt true), unet/ vae/ text_encoder/
+    text_encoder_2/ (safetensors) tokenizer/ tokenizer_2/ (pad "!") scheduler/ (Euler, SDXL_SCHEDULER).
+
+    `fp16_variant`: also float16 copies of every weight file beside the full ones
+    (``*.fp16.safetensors``), as the hub ships them. They are written first and the float32 files
+    last, so each config.json describes the float32 weights."""
+    import copy
+
+    import torch
+
+    pipe = tiny_sdxl_pipeline(seed)
+    os.makedirs(folder, exist_ok=True)
+    if fp16_variant:
+        copy.deepcopy(pipe).to(torch.float16).save_pretrained(folder, safe_serialization=True, variant="fp16")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # the tokenizers as the hub has them (slow-tokenizer files), whatever transformers wrote
+    _write_tokenizer(os.path.join(folder, "tokenizer"))
+    _write_tokenizer(os.path.join(folder, "tokenizer_2"), SDXL_PAD_TOKEN_2)
+    return folder
