@@ -571,3 +571,379 @@ def load_sd_components(path: str, *, device: str = "cuda", dtype: torch.dtype = 
     for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps"):
         sched.setdefault(k, SD_DDIM_CONFIG[k])
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler_config": sched}
+
+
+# --------------------------------------------------------------------------------------------
+# 5. SDXL (issue 20): two text encoders, pooled embedding and time ids as added conditioning
+# --------------------------------------------------------------------------------------------
+#
+# Written from diffusers' StableDiffusionXLPipeline (``encode_prompt``, ``_get_add_time_ids``,
+# the denoising loop's ``unet(..., added_cond_kwargs={"text_embeds": ..., "time_ids": ...})``)
+# and the same notebook logic as above (``ddim_loop``, ``null_optimization``). What is optimised
+# per step is the unconditional TOKEN embedding (1, 77, D1 + D2); optionally also the
+# unconditional pooled embedding (``optimize_pooled``). The time ids are the same for both CFG
+# branches (the pipeline's default: no negative_original_size / negative_target_size).
+
+__all__ += [
+    "load_sdxl_components",
+    "encode_prompt_sdxl",
+    "sdxl_time_ids",
+    "sdxl_ddim_config",
+    "unet_eps_sdxl",
+    "ddim_pivots_sdxl",
+    "null_text_optimization_sdxl",
+    "cfg_sample_sdxl",
+    "invert_image_sdxl",
+]
+
+# DDIMScheduler.__init__'s arguments and defaults (diffusers 0.42): the keys
+# DDIMScheduler.from_config takes from another scheduler's config, and what it uses when absent.
+_DDIM_INIT_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "clip_sample": True,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
+}
+
+
+def sdxl_ddim_config(scheduler_config: dict) -> dict:
+    """The config ``DDIMScheduler.from_config(pipe.scheduler.config)`` ends with for an SDXL folder.
+
+    What was found (diffusers 0.42.1): sdxl-base ships an ``EulerDiscreteScheduler`` whose
+    ``scheduler_config.json`` also holds DDIM/PNDM keys Euler does not take (``clip_sample: false``,
+    ``set_alpha_to_one: false``, ``skip_prk_steps``, ``sample_max_value``). diffusers keeps such keys
+    in the loaded scheduler's config, so ``from_config`` hands them on to DDIM: the result is
+    scaled_linear 0.00085 .. 0.012, steps_offset 1, "leading" spacing, epsilon,
+    ``set_alpha_to_one=False`` (final alpha = alphas_cumprod[0]) and ``clip_sample=False``; for 50
+    steps the timesteps are 981, 961, ..., 1, as for SD 1.x. A key the file lacks takes DDIM's
+    default (``_DDIM_INIT_DEFAULTS``; NB ``set_alpha_to_one=True``, ``clip_sample=True``,
+    ``steps_offset=0``), as ``from_config`` gives it (diffusers drops a key the source scheduler
+    only defaulted). Clipping/thresholding are not implemented here, so a config that would turn
+    them on is refused rather than silently run differently."""
+    cfg = {k: scheduler_config.get(k, v) for k, v in _DDIM_INIT_DEFAULTS.items()}
+    if cfg["clip_sample"] or cfg["thresholding"]:
+        raise NotImplementedError(
+            f"DDIM with clip_sample={cfg['clip_sample']} / thresholding={cfg['thresholding']} is not implemented"
+        )
+    return cfg
+
+
+def load_sdxl_components(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, variant: str | None = None) -> dict:
+    """Load an SDXL diffusers folder: ``unet`` (in ``dtype``), ``vae`` (float32: SDXL's VAE has
+    ``force_upcast``), ``text_encoder`` / ``text_encoder_2`` (float32, asked for explicitly:
+    transformers 5 otherwise takes the config's dtype), ``tokenizer`` / ``tokenizer_2``,
+    ``scheduler_config`` (the folder's json, verbatim), ``ddim_config`` (:func:`sdxl_ddim_config`)
+    and ``force_zeros_for_empty_prompt`` (model_index.json; the pipeline's default True if absent).
+    ``variant``: e.g. "fp16" to read ``*.fp16.safetensors`` (weights cast on load)."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    kw = {"variant": variant} if variant else {}
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **kw).to(device).eval()
+    te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32, **kw).to(device).eval()
+    te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=torch.float32, **kw).to(device).eval()
+    tok1 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+        sched = json.load(f)
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": te1,
+        "text_encoder_2": te2,
+        "tokenizer": tok1,
+        "tokenizer_2": tok2,
+        "scheduler_config": sched,
+        "ddim_config": sdxl_ddim_config(sched),
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+    }
+
+
+@torch.no_grad()
+def _encode_sdxl(components: dict, text: str, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One text through both encoders as diffusers' ``encode_prompt`` (clip_skip None): per
+    encoder, ids padded to max_length with truncation, ``hidden_states[-2]``; concatenated on the
+    last axis; pooled = text_encoder_2's projected output (``text_embeds``)."""
+    tokens, pooled = [], None
+    for tok, enc in ((components["tokenizer"], components["text_encoder"]), (components["tokenizer_2"], components["text_encoder_2"])):
+        device, _ = _module_device_dtype(enc)
+        ids = tok([text], padding="max_length", max_length=max_length or tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        out = enc(ids.to(device), output_hidden_states=True)
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
+            pooled = out[0]
+        tokens.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ValueError("text_encoder_2 must be a CLIPTextModelWithProjection (pooled text_embeds)")
+    return torch.cat(tokens, dim=-1).to(torch.float32), pooled.to(torch.float32)
+
+
+@torch.no_grad()
+def encode_prompt_sdxl(components: dict, prompt: str, negative_prompt: str | None = None):
+    """(cond_tokens (1, 77, D1 + D2), cond_pooled (1, P), uncond_tokens, uncond_pooled), float32.
+
+    The unconditional pair as diffusers makes it for CFG: zeros when ``negative_prompt`` is None
+    and the folder's ``force_zeros_for_empty_prompt`` is set; otherwise ``negative_prompt`` (or "")
+    encoded the same way (padded to the conditional length)."""
+    cond, cond_pooled = _encode_sdxl(components, prompt)
+    if negative_prompt is None and components.get("force_zeros_for_empty_prompt", True):
+        return cond, cond_pooled, torch.zeros_like(cond), torch.zeros_like(cond_pooled)
+    uncond, uncond_pooled = _encode_sdxl(components, negative_prompt or "", max_length=cond.shape[1])
+    return cond, cond_pooled, uncond, uncond_pooled
+
+
+def sdxl_time_ids(height: int, width: int) -> torch.Tensor:
+    """``_get_add_time_ids`` with the pipeline's defaults: original size (h, w), crop top-left
+    (0, 0), target size (h, w) -> float32 (1, 6)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+
+
+def unet_eps_sdxl(unet, z: torch.Tensor, t: int, tokens: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """One SDXL UNet call (``added_cond_kwargs`` text_embeds / time_ids), cast at the boundary as
+    :func:`unet_eps`: inputs -> UNet dtype, output -> float32. Batch B of z, tokens, pooled; the
+    time ids (1, 6) are repeated to B."""
+    device, dtype = _module_device_dtype(unet)
+    tt = torch.tensor(int(t), dtype=torch.long, device=device)
+    B = z.shape[0]
+    ids = time_ids.to(device=device, dtype=dtype)
+    ids = ids.expand(B, -1) if ids.shape[0] == 1 else ids
+    out = unet(
+        z.to(device=device, dtype=dtype),
+        tt,
+        encoder_hidden_states=tokens.to(device=device, dtype=dtype),
+        added_cond_kwargs={"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": ids},
+    )
+    out = out["sample"] if not isinstance(out, torch.Tensor) else out
+    return out.to(torch.float32)
+
+
+@torch.no_grad()
+def ddim_pivots_sdxl(unet, schedule: DDIMSchedule, z0, cond_tokens, cond_pooled, time_ids) -> list[torch.Tensor]:
+    """:func:`ddim_pivots` for SDXL: DDIM inversion at w = 1 with the conditional tokens + pooled."""
+    device, _ = _module_device_dtype(unet)
+    z = _as_f32(z0, device).clone()
+    cond, pooled = _emb3(_as_f32(cond_tokens, device)), _as_f32(cond_pooled, device)
+    out = [z]
+    for t in schedule.timesteps.flip(0).tolist():
+        eps = unet_eps_sdxl(unet, z, t, cond, pooled, time_ids)
+        z = schedule.next_step(eps, t, z)
+        out.append(z)
+    return out
+
+
+def _cfg_batch2_sdxl(unet, schedule, z, t, uncond, uncond_pooled, cond, cond_pooled, time_ids, guidance_scale):
+    """:func:`_cfg_batch2` for SDXL: batch of 2 [uncond, cond] (tokens and pooled), CFG, prev_step."""
+    out = unet_eps_sdxl(
+        unet, torch.cat([z] * 2), t, torch.cat([uncond, cond]), torch.cat([uncond_pooled, cond_pooled]), time_ids
+    )
+    e_u, e_c = out.chunk(2)
+    eps = e_u + guidance_scale * (e_c - e_u)
+    return schedule.prev_step(eps, t, z)
+
+
+def null_text_optimization_sdxl(
+    unet,
+    schedule: DDIMSchedule,
+    pivots: Sequence,
+    cond_tokens,
+    cond_pooled,
+    uncond_tokens,
+    uncond_pooled,
+    time_ids,
+    *,
+    guidance_scale: float = 7.5,
+    num_inner_steps: int = 10,
+    early_stop_epsilon: float = 1e-5,
+    lr: float = 1e-2,
+    optimize_pooled: bool = False,
+) -> dict:
+    """:func:`null_text_optimization` for SDXL, step for step the same: a fresh Adam per timestep
+    with lr ``lr * (1 - i / 100)``, the conditional prediction once per timestep (no grad), one
+    unconditional UNet call per inner step, the Adam step and then the early stop test
+    ``loss < epsilon + i * 2e-5``, warm start from the previous timestep, and the latent update
+    as a batch of two [uncond, cond].
+
+    ``optimize_pooled``: the unconditional pooled embedding joins the token embedding in the same
+    Adam (same lr); otherwise it stays fixed at ``uncond_pooled``.
+
+    Returns ``null_embeddings`` (T x (1, 77, D)), ``null_pooled`` (T x (1, P); copies of the
+    fixed one when not optimised), ``inner_iterations``, ``final_losses``, ``loss_history`` and
+    ``latents`` (z_bar after each timestep; the last is the reconstruction)."""
+    device, _ = _module_device_dtype(unet)
+    T = schedule.num_steps
+    if len(pivots) != T + 1:
+        raise ValueError(f"expected {T + 1} pivots, got {len(pivots)}")
+    pivots = [_as_f32(p, device) for p in pivots]
+    cond, c_pooled = _emb3(_as_f32(cond_tokens, device)), _as_f32(cond_pooled, device)
+    uncond, u_pooled = _emb3(_as_f32(uncond_tokens, device)), _as_f32(uncond_pooled, device)
+    latent_cur = pivots[-1]
+    null_embeddings, null_pooled, inner_iterations, final_losses, loss_history, latents = [], [], [], [], [], []
+    for i in range(T):
+        uncond = uncond.clone().detach()
+        uncond.requires_grad = True
+        u_pooled = u_pooled.clone().detach()
+        params = [uncond]
+        if optimize_pooled:
+            u_pooled.requires_grad = True
+            params.append(u_pooled)
+        optimizer = torch.optim.Adam(params, lr=lr * (1.0 - i / 100.0))
+        latent_prev = pivots[len(pivots) - i - 2]
+        t = int(schedule.timesteps[i])
+        with torch.no_grad():
+            noise_pred_cond = unet_eps_sdxl(unet, latent_cur, t, cond, c_pooled, time_ids)
+        losses: list[float] = []
+        n_iter = 0
+        for j in range(num_inner_steps):
+            noise_pred_uncond = unet_eps_sdxl(unet, latent_cur, t, uncond, u_pooled, time_ids)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+            latents_prev_rec = schedule.prev_step(noise_pred, t, latent_cur)
+            loss = nnf.mse_loss(latents_prev_rec, latent_prev)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_item = loss.item()
+            losses.append(loss_item)
+            n_iter = j + 1
+            if loss_item < early_stop_epsilon + i * 2e-5:
+                break
+        phi_t, pooled_t = uncond[:1].detach(), u_pooled[:1].detach()
+        null_embeddings.append(phi_t)
+        null_pooled.append(pooled_t)
+        inner_iterations.append(n_iter)
+        final_losses.append(losses[-1] if losses else math.nan)
+        loss_history.append(losses)
+        with torch.no_grad():
+            latent_cur = _cfg_batch2_sdxl(unet, schedule, latent_cur, t, phi_t, pooled_t, cond, c_pooled, time_ids, guidance_scale)
+        latents.append(latent_cur)
+        uncond, u_pooled = phi_t, pooled_t
+    return {
+        "null_embeddings": null_embeddings,
+        "null_pooled": null_pooled,
+        "inner_iterations": inner_iterations,
+        "final_losses": final_losses,
+        "loss_history": loss_history,
+        "latents": latents,
+    }
+
+
+@torch.no_grad()
+def cfg_sample_sdxl(
+    unet, schedule: DDIMSchedule, x_T, cond_tokens, cond_pooled, uncond_tokens, uncond_pooled, time_ids, *, guidance_scale: float = 7.5
+) -> torch.Tensor:
+    """:func:`cfg_sample` for SDXL: CFG DDIM sampling from ``x_T``, a batch of 2 per step.
+    ``uncond_tokens`` / ``uncond_pooled``: lists of T per-step tensors or one tensor for all steps."""
+    device, _ = _module_device_dtype(unet)
+    T = schedule.num_steps
+
+    def per_step(x, emb3):
+        if isinstance(x, (list, tuple)):
+            if len(x) != T:
+                raise ValueError(f"expected {T} per-step embeddings, got {len(x)}")
+            return [(_emb3 if emb3 else (lambda a: a))(_as_f32(u, device)) for u in x]
+        u = _as_f32(x, device)
+        return [_emb3(u) if emb3 else u] * T
+
+    cond, c_pooled = _emb3(_as_f32(cond_tokens, device)), _as_f32(cond_pooled, device)
+    phis, pooleds = per_step(uncond_tokens, True), per_step(uncond_pooled, False)
+    z = _as_f32(x_T, device)
+    for i, t in enumerate(schedule.timesteps.tolist()):
+        z = _cfg_batch2_sdxl(unet, schedule, z, t, phis[i], pooleds[i], cond, c_pooled, time_ids, guidance_scale)
+    return z
+
+
+def invert_image_sdxl(
+    components: dict,
+    image_uint8_HWC,
+    prompt: str,
+    *,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    num_inner_steps: int = 10,
+    early_stop_epsilon: float = 1e-5,
+    optimize_pooled: bool = False,
+    reconstruct: bool = True,
+    negative_prompt: str | None = None,
+) -> dict:
+    """Null-text inversion of one image with SDXL (``components``: :func:`load_sdxl_components`).
+
+    z0 = VAE posterior mean x scaling_factor (0.13025 for SDXL; VAE in float32); time ids
+    :func:`sdxl_time_ids` of the image's size for both CFG branches; DDIM from
+    ``components["ddim_config"]`` (:func:`sdxl_ddim_config`, i.e. what
+    ``DDIMScheduler.from_config(pipe.scheduler.config)`` gives); pivots at w = 1 with the
+    conditional tokens + pooled; then :func:`null_text_optimization_sdxl` from the unconditional
+    pair of :func:`encode_prompt_sdxl` (zeros for sdxl-base, whose force_zeros_for_empty_prompt
+    is true, unless ``negative_prompt`` is given).
+
+    Returns ``x_T``, ``pivots``, ``null_embeddings``, ``null_pooled``, ``inner_iterations``,
+    ``final_losses``, ``loss_history``, ``latents`` (the optimisation trajectory), ``z0``,
+    ``cond_tokens``, ``cond_pooled``, ``uncond_tokens``, ``uncond_pooled``, ``time_ids``,
+    ``timings`` and, when ``reconstruct``, ``reconstruction_latent``: :func:`cfg_sample_sdxl`
+    replayed from x_T with the stored null embeddings (equal to ``latents[-1]``)."""
+    unet, vae = components["unet"], components["vae"]
+    device, _ = _module_device_dtype(unet)
+    schedule = DDIMSchedule(components.get("ddim_config") or sdxl_ddim_config(components["scheduler_config"]), num_steps)
+    h, w = np.asarray(image_uint8_HWC).shape[:2]
+    time_ids = sdxl_time_ids(h, w).to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    cond, cond_pooled, uncond, uncond_pooled = encode_prompt_sdxl(components, prompt, negative_prompt)
+    z0 = encode_image(vae, image_uint8_HWC).to(device)
+    _sync(device)
+    t1 = time.perf_counter()
+    pivots = ddim_pivots_sdxl(unet, schedule, z0, cond, cond_pooled, time_ids)
+    _sync(device)
+    t2 = time.perf_counter()
+    res = null_text_optimization_sdxl(
+        unet,
+        schedule,
+        pivots,
+        cond,
+        cond_pooled,
+        uncond,
+        uncond_pooled,
+        time_ids,
+        guidance_scale=guidance_scale,
+        num_inner_steps=num_inner_steps,
+        early_stop_epsilon=early_stop_epsilon,
+        optimize_pooled=optimize_pooled,
+    )
+    _sync(device)
+    t3 = time.perf_counter()
+    out = {
+        "x_T": pivots[-1],
+        "pivots": pivots,
+        "null_embeddings": res["null_embeddings"],
+        "null_pooled": res["null_pooled"],
+        "inner_iterations": res["inner_iterations"],
+        "final_losses": res["final_losses"],
+        "loss_history": res["loss_history"],
+        "latents": res["latents"],
+        "z0": z0,
+        "cond_tokens": cond,
+        "cond_pooled": cond_pooled,
+        "uncond_tokens": uncond,
+        "uncond_pooled": uncond_pooled,
+        "time_ids": time_ids,
+        "timings": {"encode": t1 - t0, "pivots": t2 - t1, "null_text": t3 - t2, "total": t3 - t0},
+    }
+    if reconstruct:
+        out["reconstruction_latent"] = cfg_sample_sdxl(
+            unet, schedule, pivots[-1], cond, cond_pooled, res["null_embeddings"], res["null_pooled"], time_ids, guidance_scale=guidance_scale
+        )
+    return out
