@@ -25,7 +25,9 @@ import optax
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
+from . import conditioning as cnd
 from . import planning
+from .conditioning import Cond, TextCond
 from .errors import NtiError, PromptError
 from .io import ImageLike, atomic_path, load_image
 from .models.unet import REMAT_MODES
@@ -44,7 +46,8 @@ class Inversion:
     """The result of `invert` for a batch of B images (B = 1 for one image).
 
     `pivots[:, k]` is the DDIM-inversion latent z*_k (k = 0 is the image's latent, k = T is x_T);
-    `null_embeddings[:, i]` is phi used at sampling step i (timesteps[i], descending).
+    `null_embeddings[:, i]` is phi used at sampling step i (timesteps[i], descending). For SDXL
+    the two embeddings are `TextCond`s (token and pooled embeddings, `conditioning`).
     `inner_iterations`/`final_losses` are the null-text optimisation's Adam steps and last loss per
     step (zero for the other methods); `nonfinite` marks steps whose loss or gradient was NaN/inf
     (optimisation of that step stopped there, keeping the last finite phi).
@@ -52,8 +55,8 @@ class Inversion:
 
     x_T: jax.Array  # (B, h, w, C)
     pivots: jax.Array  # (B, T+1, h, w, C)
-    null_embeddings: jax.Array  # (B, T, L, D)
-    cond_embeddings: jax.Array  # (B, L, D)
+    null_embeddings: Cond  # (B, T, L, D); SDXL: TextCond((B, T, L, D), (B, T, P))
+    cond_embeddings: Cond  # (B, L, D); SDXL: TextCond((B, L, D), (B, P))
     timesteps: jax.Array  # (T,)
     inner_iterations: jax.Array  # (B, T) int32
     final_losses: jax.Array  # (B, T) float32
@@ -76,14 +79,20 @@ class Inversion:
         """The inversion of image(s) `idx`, still batched (an int gives B = 1)."""
         idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
         rows = np.arange(self.num_images)[idx]
-        arrays = {k: getattr(self, k)[rows] for k in BATCHED_FIELDS}
+        arrays = {k: cnd.take(getattr(self, k), rows) for k in BATCHED_FIELDS}
         return self.replace(**arrays, prompts=tuple(self.prompts[i] for i in rows))
 
     def save(self, path: str) -> None:
         """One safetensors file; settings, prompts and model name go in its metadata."""
         from safetensors.numpy import save_file
 
-        tensors = {k: np.ascontiguousarray(np.asarray(getattr(self, k))) for k in BATCHED_FIELDS + ("timesteps",)}
+        tensors = {}
+        for k in BATCHED_FIELDS + ("timesteps",):
+            value = getattr(self, k)
+            if isinstance(value, TextCond):  # SDXL: the pooled part beside the tokens
+                tensors[k.replace("embeddings", "pooled")] = np.ascontiguousarray(np.asarray(value.pooled))
+                value = value.tokens
+            tensors[k] = np.ascontiguousarray(np.asarray(value))
         tensors["nonfinite"] = tensors["nonfinite"].astype(np.uint8)
         settings = self.settings.to_dict()
         method = settings.pop("method")
@@ -114,6 +123,10 @@ class Inversion:
             settings = InvertSettings.from_dict(dict(stored, method=meta["method"]))
             prompts = tuple(json.loads(meta["prompts"]))
             arrays = {k: jnp.asarray(np.array(tensors[k])) for k in BATCHED_FIELDS + ("timesteps",)}
+            for k in ("null_embeddings", "cond_embeddings"):
+                pooled = k.replace("embeddings", "pooled")
+                if pooled in tensors:
+                    arrays[k] = TextCond(arrays[k], jnp.asarray(np.array(tensors[pooled])))
         except (KeyError, TypeError, ValueError) as e:
             raise NtiError(f"{path} is a damaged nti-jax inversion file ({type(e).__name__}: {e})") from None
         arrays["nonfinite"] = arrays["nonfinite"].astype(bool)
@@ -131,8 +144,8 @@ class InvertInputs(NamedTuple):
     """Everything the compiled program reads for a batch, prepared on the host."""
 
     z0: jax.Array  # (B, h, w, C)
-    cond: jax.Array  # (B, L, D)
-    null: jax.Array  # (B, L, D), the "" embedding per row
+    cond: Cond  # (B, L, D) or SDXL's TextCond
+    null: Cond  # (B, L, D), the unconditional embedding per row
     sched: Schedule
     guidance: jax.Array  # () float32
     num_inner_steps: jax.Array  # () int32
@@ -146,13 +159,13 @@ class InvertInputs(NamedTuple):
 
 class InvertOutputs(NamedTuple):
     pivots: jax.Array  # (B, T+1, h, w, C)
-    phi: jax.Array  # (B, T, L, D)
+    phi: Cond  # (B, T, L, D) or SDXL's TextCond
     inner_iterations: jax.Array  # (B, T) int32
     final_losses: jax.Array  # (B, T) float32
     nonfinite: jax.Array  # (B, T) bool
 
 
-def ddim_pivots(model: Denoiser, sched: Schedule, z0: jax.Array, cond: jax.Array) -> jax.Array:
+def ddim_pivots(model: Denoiser, sched: Schedule, z0: jax.Array, cond: Cond) -> jax.Array:
     """DDIM inversion at w = 1 with the conditional embedding: (B, T+1, h, w, C), z*_0 .. z*_T."""
     n = sched.timesteps.shape[0]
 
@@ -171,7 +184,7 @@ class _Inner(NamedTuple):
     """The carry of one timestep's Adam loop; every field but `j` and `opt_state`'s count is per image."""
 
     j: jax.Array  # () int32, iterations run
-    phi: jax.Array  # (B, L, D)
+    phi: Cond  # (B, L, D) or SDXL's TextCond
     opt_state: Any  # optax adam: (ScaleByAdamState, EmptyState)
     loss: jax.Array  # (B,) the last loss of a step taken
     active: jax.Array  # (B,) bool, still optimising
@@ -179,23 +192,19 @@ class _Inner(NamedTuple):
     iters: jax.Array  # (B,) int32, Adam steps taken
 
 
-def _rows(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
-    """`new` where the image's row is in `mask` (B,), else `old`."""
-    return jnp.where(mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
-
 def _take_rows(take: jax.Array, new_state, old_state):
     """Adam's state with the moments of images in `take` advanced; the step count is shared (it
     equals the steps taken by every image still active: a stopped image never resumes)."""
     adam, rest = new_state[0], new_state[1:]
-    adam = adam._replace(mu=_rows(take, adam.mu, old_state[0].mu), nu=_rows(take, adam.nu, old_state[0].nu))
+    adam = adam._replace(mu=cnd.where_rows(take, adam.mu, old_state[0].mu), nu=cnd.where_rows(take, adam.nu, old_state[0].nu))
     return (adam,) + tuple(rest)
 
 
 def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: InvertInputs, progress: Progress, carry, i,
                    *, remat: str = "none"):
     """One timestep i of the paper's optimisation: Adam on phi until the early stop, then advance
-    z_bar with the optimised phi. carry = (z_bar (B,h,w,C), phi (B,L,D)). `remat` (REMAT_MODES)
+    z_bar with the optimised phi. carry = (z_bar (B,h,w,C), phi (B,L,D) or SDXL's TextCond, whose
+    every leaf is optimised, the pooled embedding too). `remat` (REMAT_MODES)
     is what the inner-loop gradient recomputes instead of keeping; it does not change results."""
     z, phi = carry
     grad_model = with_remat(model, remat)
@@ -215,12 +224,12 @@ def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: 
 
     def body(c: _Inner) -> _Inner:
         (_, loss), g = jax.value_and_grad(losses, has_aux=True)(c.phi)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(g), axis=(1, 2))
+        finite = jnp.isfinite(loss) & cnd.finite_rows(g)
         updates, new_state = opt.update(g, c.opt_state, c.phi)
         take = c.active & finite
         return _Inner(
             j=c.j + 1,
-            phi=_rows(take, c.phi + updates, c.phi),
+            phi=cnd.where_rows(take, optax.apply_updates(c.phi, updates), c.phi),
             opt_state=_take_rows(take, new_state, c.opt_state),
             loss=jnp.where(take, loss, c.loss),
             active=take & ~(loss < threshold),
@@ -245,11 +254,11 @@ def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: 
 
 def null_text_optimisation(model: Denoiser, pivots: jax.Array, inputs: InvertInputs, progress: Progress = None, *,
                            remat: str = "none"):
-    """The paper's per-timestep optimisation of phi: (phi (B,T,L,D), iters, losses, nonfinite), each (B,T,...)."""
+    """The paper's per-timestep optimisation of phi: (phi (B,T,...), iters, losses, nonfinite), each (B,T,...)."""
     n = inputs.sched.timesteps.shape[0]
     step = partial(null_text_step, model, inputs.sched, pivots, inputs, progress, remat=remat)
     _, outs = jax.lax.scan(step, (pivots[:, n], inputs.null), jnp.arange(n))
-    return tuple(jnp.moveaxis(a, 0, 1) for a in outs)
+    return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), outs)
 
 
 def invert_core(model: Denoiser, inputs: InvertInputs, *, method: str, progress: Progress = None, remat: str = "none") -> InvertOutputs:
@@ -260,7 +269,7 @@ def invert_core(model: Denoiser, inputs: InvertInputs, *, method: str, progress:
     if method == "null-text":
         return InvertOutputs(pivots, *null_text_optimisation(model, pivots, inputs, progress, remat=remat))
     source = inputs.cond if method == "negative-prompt" else inputs.null
-    phi = jnp.broadcast_to(source[:, None], (b, n) + source.shape[1:])
+    phi = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[:, None], (b, n) + a.shape[1:]), source)
     bad = jnp.broadcast_to(~jnp.all(jnp.isfinite(pivots), axis=(2, 3, 4))[:, 1:], (b, n))
     return InvertOutputs(pivots, phi, jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.float32), bad)
 
@@ -274,11 +283,12 @@ def with_remat(model: Denoiser, remat: str) -> Denoiser:
 
 
 @functools.lru_cache(maxsize=64)
-def _residual_bytes(model: Denoiser, z: jax.ShapeDtypeStruct, context: jax.ShapeDtypeStruct, remat: str) -> int:
+def _residual_bytes(model: Denoiser, z: jax.ShapeDtypeStruct, context: Cond, remat: str) -> int:
     grad_model = with_remat(model, remat)
 
     def vjp(params, z, phi):
-        f = lambda p: grad_model.replace(params=params).eps(z, jnp.int32(500), jnp.float32(0.5), p)
+        (params, time_ids) = params
+        f = lambda p: grad_model.replace(params=params, time_ids=time_ids).eps(z, jnp.int32(500), jnp.float32(0.5), p)
         return jax.vjp(f, phi)[1]
 
     jaxpr = jax.make_jaxpr(vjp)(model.params.tree, z, context).jaxpr
@@ -287,15 +297,17 @@ def _residual_bytes(model: Denoiser, z: jax.ShapeDtypeStruct, context: jax.Shape
     return sum(v.aval.size * np.dtype(v.aval.dtype).itemsize for v in kept)
 
 
-def gradient_residual_bytes(model: Denoiser, batch: int, latent: Sequence[int], context: Sequence[int], remat: str = "none") -> int:
+def gradient_residual_bytes(model: Denoiser, batch: int, latent: Sequence[int], context: Any, remat: str = "none") -> int:
     """Bytes autodiff keeps between the forward and backward pass of one inner-loop gradient
-    (w.r.t. phi) for `batch` images of latents (h, w, C) and contexts (L, D), in the program's own
-    dtypes: the residuals of `jax.vjp` that are not its inputs (parameters aside). Traced
+    (w.r.t. phi) for `batch` images of latents (h, w, C) and conditioning of per-row shape
+    `context` ((L, D), or SDXL's TextCond of shapes, `conditioning.row_shapes`), in the program's
+    own dtypes: the residuals of `jax.vjp` that are not its inputs (parameters aside). Traced
     abstractly (nothing runs); the same figure on every backend."""
     spec = jax.ShapeDtypeStruct
-    params = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), model.params)
-    key = model.replace(params=_Hashable(params))
-    return _residual_bytes(key, spec((batch, *latent), jnp.float32), spec((batch, *context), jnp.float32), remat)
+    params = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), (model.params, model.time_ids))
+    key = model.replace(params=_Hashable(params), time_ids=None)
+    ctx = jax.tree_util.tree_map(lambda shape: spec((batch, *shape), jnp.float32), context, is_leaf=lambda x: isinstance(x, tuple))
+    return _residual_bytes(key, spec((batch, *latent), jnp.float32), ctx, remat)
 
 
 class _Hashable:
@@ -316,11 +328,20 @@ def abstract_inputs(pipe: Pipeline, settings: InvertSettings, rows: int, shardin
     batched fields take `sharding` (e.g. a mesh's batch sharding), the rest are left unplaced."""
     latent = pipe.image_size // pipe.latent_factor
     cfg, f32, spec = pipe.unet.config, jnp.float32, jax.ShapeDtypeStruct
-    batched = lambda *shape: spec((rows, *shape), f32, sharding=sharding)
+    batched = lambda shape: spec((rows, *shape), f32, sharding=sharding)
     t = settings.num_steps
     sched = Schedule(spec((t,), jnp.int32), spec((t,), f32), spec((t,), f32))
-    return InvertInputs(batched(latent, latent, cfg.in_channels), batched(pipe.max_tokens, cfg.cross_attention_dim),
-                        batched(pipe.max_tokens, cfg.cross_attention_dim), sched, spec((), f32), spec((), jnp.int32), spec((), f32))
+    cond = lambda: jax.tree_util.tree_map(batched, cond_shapes(pipe), is_leaf=lambda x: isinstance(x, tuple))
+    return InvertInputs(batched((latent, latent, cfg.in_channels)), cond(), cond(), sched, spec((), f32), spec((), jnp.int32), spec((), f32))
+
+
+def cond_shapes(pipe: Pipeline) -> Any:
+    """The per-row shapes of a pipeline's conditioning: (L, D), or SDXL's TextCond((L, D), (P,))."""
+    cfg = pipe.unet.config
+    tokens = (pipe.max_tokens, cfg.cross_attention_dim)
+    if pipe.is_sdxl:
+        return TextCond(tokens, (cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim,))
+    return tokens
 
 
 def param_bytes(model: Denoiser) -> int:
@@ -334,7 +355,7 @@ def check_remat(remat: str) -> None:
 
 
 def plan_program(model: Denoiser, method: str, remat: str, batch: int, lower: Callable[[int, str], Any], key: tuple,
-                 max_device_memory: Optional[float] = None, latent: Sequence[int] = (), context: Sequence[int] = ()) -> planning.Choice:
+                 max_device_memory: Optional[float] = None, latent: Sequence[int] = (), context: Any = ()) -> planning.Choice:
     """Remat mode and rows per call for `batch` images per device, from the compiled candidates
     (`planning.choose`): every mode for null-text under "auto", else the one given ("none" for
     the methods with no gradient). The gradient's residual bytes order the candidates."""
@@ -350,7 +371,7 @@ def plan_program(model: Denoiser, method: str, remat: str, batch: int, lower: Ca
 def rows_of(inputs: InvertInputs, rows: Sequence[int]) -> InvertInputs:
     """The inputs of images `rows` (the batched fields indexed, the rest as they are)."""
     idx = np.asarray(rows)
-    return inputs._replace(z0=inputs.z0[idx], cond=inputs.cond[idx], null=inputs.null[idx])
+    return inputs._replace(z0=inputs.z0[idx], cond=cnd.take(inputs.cond, idx), null=cnd.take(inputs.null, idx))
 
 
 def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings) -> InvertInputs:
@@ -358,8 +379,8 @@ def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequen
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise PromptError(f"the source prompt must be a non-empty caption of the image, got {p!r}")
-    emb = pipe.encode_prompt(list(prompts) + [""]).astype(jnp.float32)
-    cond, null = emb[:-1], jnp.broadcast_to(emb[-1:], emb[:-1].shape)
+    cond, null = cnd.as_float32(pipe.encode_with_null(prompts))
+    null = cnd.broadcast(null, (len(prompts),), drop=1)
     z0 = pipe.encode_image(np.stack(images)).astype(jnp.float32)
     return InvertInputs(
         z0, cond, null, model_schedule(pipe, settings.num_steps), jnp.float32(settings.guidance_scale),
@@ -367,7 +388,7 @@ def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequen
     )
 
 
-def assemble(pipe: Pipeline, settings: InvertSettings, prompts: Sequence[str], cond: jax.Array, timesteps: jax.Array, out: InvertOutputs) -> Inversion:
+def assemble(pipe: Pipeline, settings: InvertSettings, prompts: Sequence[str], cond: Cond, timesteps: jax.Array, out: InvertOutputs) -> Inversion:
     """An `Inversion` from the program's outputs for rows with conditional embeddings `cond`."""
     return Inversion(
         x_T=out.pivots[:, -1],
@@ -438,16 +459,16 @@ def invert(
         out = invert_program(model, inputs, method=settings.method, progress=progress, remat=remat)
         return assemble(pipe, settings, prompts, inputs.cond, inputs.sched.timesteps, out)
     b = len(images)
-    spec = lambda rows: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rows_of(inputs, [0] * rows))
+    spec = lambda rows: abstract_inputs(pipe, settings, rows)
     lower = lambda rows, mode: invert_program.lower(model, spec(rows), method=settings.method, progress=progress, remat=mode)
     key = (progress, model.module, model.prediction_type, planning.shape_key(model.params, spec(1)))
-    choice = plan_program(model, settings.method, remat, b, lower, key, max_device_memory, inputs.z0.shape[1:], inputs.cond.shape[1:])
+    choice = plan_program(model, settings.method, remat, b, lower, key, max_device_memory, inputs.z0.shape[1:], cond_shapes(pipe))
     outs = []
     for start in range(0, b, choice.rows):
         n = min(choice.rows, b - start)
         out = choice.compiled(model, rows_of(inputs, [start + r for r in planning.pad_rows(n, choice.rows)]))
-        outs.append([a[:n] for a in out])
-    out = InvertOutputs(*[jnp.concatenate(parts) for parts in zip(*outs)])
+        outs.append(cnd.take(out, slice(0, n)))
+    out = cnd.concat(outs)
     return assemble(pipe, settings, prompts, inputs.cond, inputs.sched.timesteps, out)
 
 

@@ -11,8 +11,11 @@ from typing import Any, Callable
 from .errors import ModelError
 
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# SDXL adds OpenCLIP bigG with its projection (and tokenizer_2).
+XL_WEIGHT_FILES = {**WEIGHT_FILES, "text_encoder_2": "model"}
+XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 
-CONFIG_ADVICE = "it is damaged or not a diffusers Stable Diffusion 1.x/2.x file: download it again"
+CONFIG_ADVICE = "it is damaged or not a diffusers Stable Diffusion 1.x/2.x/XL file: download it again"
 
 
 def _read_json(path: str) -> dict:
@@ -77,6 +80,9 @@ _UNET_KEYS = {
     "flip_sin_to_cos": (False, *_BOOL),
     "use_linear_projection": (False, *_BOOL_OR_NULL),
     "upcast_attention": (False, *_BOOL_OR_NULL),
+    "addition_embed_type": (False, lambda v: v in (None, "text_time"), 'null or "text_time"'),
+    "addition_time_embed_dim": (False, lambda v: v is None or _pos_int(v), "a positive integer or null"),
+    "projection_class_embeddings_input_dim": (False, lambda v: v is None or _pos_int(v), "a positive integer or null"),
 }
 _VAE_KEYS = {
     "block_out_channels": (True, _pos_ints, "a list of positive integers"),
@@ -155,15 +161,43 @@ def _check_scheduler(path: str, cfg: dict) -> None:
         raise ModelError(f"{path}: beta_start {cfg.get('beta_start', 0.0001)} is not below beta_end {cfg.get('beta_end', 0.02)}")
 
 
-def read_configs(folder: str) -> tuple[dict, dict]:
-    """The three model configs and the scheduler config of a folder, each checked."""
+def model_family(folder: str) -> tuple[str, dict]:
+    """("sdxl" for an SDXL base folder, else "sd"; its model_index.json, {} if it has none).
+    model_index.json names the pipeline (a folder without one is SDXL if it has
+    text_encoder_2/); a refiner-only folder or one missing a component is a ModelError."""
+    index_path = os.path.join(folder, "model_index.json")
+    index = _read_json(index_path) if os.path.isfile(index_path) else {}
+    name = index.get("_class_name", "")
+    xl = name in XL_PIPELINES or (not name and os.path.isdir(os.path.join(folder, "text_encoder_2")))
+    if not xl:
+        if os.path.isdir(os.path.join(folder, "text_encoder_2")) or index.get("text_encoder_2"):
+            raise ModelError(f"{index_path} names {name or 'no pipeline'} but the folder has text_encoder_2/: an SDXL folder's model_index.json names StableDiffusionXLPipeline")
+        return "sd", index
+    if index.get("requires_aesthetics_score") or index.get("text_encoder", ["", ""])[0] is None:
+        raise ModelError(f"{folder} is an SDXL refiner (no text_encoder/, aesthetic-score conditioning); invert with the base model, e.g. stabilityai/stable-diffusion-xl-base-1.0")
+    missing = [k for k in (*XL_WEIGHT_FILES, "tokenizer", "tokenizer_2", "scheduler") if not os.path.isdir(os.path.join(folder, k))]
+    if missing:
+        raise ModelError(f"{folder} is an SDXL folder without {', '.join(m + '/' for m in missing)}; download the whole model again")
+    return "sdxl", index
+
+
+def weight_files(family: str) -> dict:
+    """Component folder -> weight file base name, for a model family ("sd" or "sdxl")."""
+    return XL_WEIGHT_FILES if family == "sdxl" else WEIGHT_FILES
+
+
+def read_configs(folder: str, family: str = "sd") -> tuple[dict, dict]:
+    """The model configs (one per component of `weight_files(family)`) and the scheduler config
+    of a folder, each checked."""
     path = lambda name: os.path.join(folder, name)
-    configs = {k: _read_json(path(f"{k}/config.json")) for k in WEIGHT_FILES}
+    configs = {k: _read_json(path(f"{k}/config.json")) for k in weight_files(family)}
     _check_config(path("unet/config.json"), configs["unet"], _UNET_KEYS)
     _check_blocks(path("unet/config.json"), configs["unet"], ("layers_per_block", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim"))
     _check_config(path("vae/config.json"), configs["vae"], _VAE_KEYS)
     _check_blocks(path("vae/config.json"), configs["vae"], ())
-    _check_text_config(path("text_encoder/config.json"), configs["text_encoder"])
+    for k in configs:
+        if k.startswith("text_encoder"):
+            _check_text_config(path(f"{k}/config.json"), configs[k])
     sched = _read_json(path("scheduler/scheduler_config.json"))
     _check_scheduler(path("scheduler/scheduler_config.json"), sched)
     return configs, sched

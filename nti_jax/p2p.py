@@ -37,6 +37,8 @@ from .controllers import (  # noqa: F401  (the public names stay importable from
     controller_from_settings,
     window,
 )
+from . import conditioning as cnd
+from .conditioning import Cond
 from .errors import NtiError, PromptError
 from .inversion import Inversion
 from .models import AttentionPlace
@@ -289,26 +291,27 @@ class EditInputs(NamedTuple):
 
     sched: Schedule
     x_T: jax.Array  # (1, h, w, C)
-    cond: jax.Array  # (R, L, D): the source prompt, then the targets
-    phi: jax.Array  # (T, L, D) the inversion's unconditional embedding per step
+    cond: Cond  # (R, L, D) or SDXL's TextCond: the source prompt, then the targets
+    phi: Cond  # (T, L, D) the inversion's unconditional embedding per step
     pivots: jax.Array  # (T+1, h, w, C)
     guidance: jax.Array  # () float32
-    empty: jax.Array | None = None  # (L, D) the "" embedding (single-branch target rows)
+    empty: Cond | None = None  # (L, D) the unconditional embedding (single-branch target rows)
 
 
-def _uncond(static: _Static, inputs: EditInputs, k) -> jax.Array:
+def _uncond(static: _Static, inputs: EditInputs, k) -> Cond:
     """The unconditional rows (R, L, D) at step k."""
-    cond, phi = inputs.cond, inputs.phi[k]
-    if static.single_branch and cond.shape[0] > 1:
-        return jnp.concatenate([phi[None], jnp.broadcast_to(inputs.empty, (cond.shape[0] - 1,) + phi.shape)])
-    return jnp.broadcast_to(phi, cond.shape)
+    cond, phi = inputs.cond, cnd.take(inputs.phi, k)
+    rows = cnd.num_rows(cond)
+    if static.single_branch and rows > 1:
+        return cnd.concat([cnd.broadcast(phi, (1,)), cnd.broadcast(inputs.empty, (rows - 1,))])
+    return cnd.broadcast(phi, (rows,))
 
 
 @partial(jax.jit, static_argnames=("static", "edit"))
 def _edit_program(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: _Static, edit: bool):
     """Batched CFG sampling of R rows from one x_T with the controller; returns (latents, maps)."""
     sched, x_T, cond, _, pivots, guidance, _ = inputs
-    rows, latent, n, s = cond.shape[0], x_T.shape[1], sched.timesteps.shape[0], static.blend_size
+    rows, latent, n, s = cnd.num_rows(cond), x_T.shape[1], sched.timesteps.shape[0], static.blend_size
 
     def step(carry, k):
         x, store = carry
@@ -330,7 +333,7 @@ def _edit_program(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: 
 
         t, a_t, a_prev = sched.timesteps[k], sched.alpha_t[k], sched.alpha_prev[k]
         xx = jnp.concatenate([x, x])
-        eps_u, eps_c = jnp.split(model.eps(xx, t, a_t, jnp.concatenate([_uncond(static, inputs, k), cond]), hook), 2)
+        eps_u, eps_c = jnp.split(model.eps(xx, t, a_t, cnd.concat([_uncond(static, inputs, k), cond]), hook), 2)
         pivot = pivots[n - 1 - k]
         if edit and static.prox:
             unit = jnp.sqrt(a_t) if model.prediction_type == "v_prediction" else 1.0
@@ -349,7 +352,7 @@ def _edit_program(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: 
         return (x, store), None
 
     x0 = jnp.broadcast_to(x_T, (rows,) + x_T.shape[1:])
-    store0 = jnp.zeros((rows, s, s, cond.shape[1]), jnp.float32)
+    store0 = jnp.zeros((rows, s, s, cnd.tokens(cond).shape[1]), jnp.float32)
     (x, store), _ = jax.lax.scan(step, (x0, store0), jnp.arange(n))
     return x, store / n
 
@@ -376,9 +379,10 @@ def edit_latents(pipe: Pipeline, inv: Inversion, targets: Sequence[str], *, cont
     sched = inversion_schedule(pipe, inv)
     n, latent = sched.timesteps.shape[0], inv.x_T.shape[1]
     static, arr = compile_controller(pipe, controller, source, targets, n, latent, inv.method == "direct")
-    emb = pipe.encode_prompt(targets + [""])
-    cond = jnp.concatenate([inv.cond_embeddings, emb[:-1]])
-    inputs = EditInputs(sched, inv.x_T, cond, inv.null_embeddings[0], inv.pivots[0], jnp.float32(inv.settings.guidance_scale), emb[-1])
+    emb, null = pipe.encode_with_null(targets)
+    cond = cnd.concat([inv.cond_embeddings, emb])
+    inputs = EditInputs(sched, inv.x_T, cond, cnd.take(inv.null_embeddings, 0), inv.pivots[0], jnp.float32(inv.settings.guidance_scale),
+                        cnd.take(null, 0))
     return _edit_program(Denoiser.of(pipe), arr, inputs, static=static, edit=edit)
 
 

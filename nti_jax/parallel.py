@@ -27,13 +27,13 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from . import conditioning as cnd
 from . import planning
 from .inversion import (
-    BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, abstract_inputs, assemble, check_remat, invert_core, plan_program, prepare_inputs,
+    BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, abstract_inputs, assemble, check_remat, cond_shapes, invert_core, plan_program, prepare_inputs,
 )
 from .planning import pad_rows
 from .pipeline import Pipeline
@@ -240,8 +240,12 @@ class ShardedInverter:
         def glue(pieces, spec):
             if spec == P():
                 return jax.device_put(pieces[0], whole)
-            arrays = [jax.device_put(p, dev) for p, dev in zip(pieces, self.devices)]
-            return jax.make_array_from_single_device_arrays((len(images),) + arrays[0].shape[1:], batched, arrays)
+
+            def one(*leaves):
+                arrays = [jax.device_put(p, dev) for p, dev in zip(leaves, self.devices)]
+                return jax.make_array_from_single_device_arrays((len(images),) + arrays[0].shape[1:], batched, arrays)
+
+            return jax.tree_util.tree_map(one, *pieces)
 
         fields = [[getattr(p, f) for p in parts] for f in InvertInputs._fields]
         return InvertInputs(*[glue(pieces, spec) for pieces, spec in zip(fields, InvertInputs.specs(AXIS))])
@@ -262,8 +266,7 @@ class ShardedInverter:
         lower = lambda rows, mode: sharded_program(self.mesh, settings.method, progress, mode).lower(model_spec, spec(rows))
         key = (progress, model.module, model.prediction_type, self.mesh, planning.shape_key(model_spec, spec(1)))
         s, ch = pipe.image_size // pipe.latent_factor, pipe.unet.config.in_channels
-        return plan_program(model, settings.method, remat, per_device, lower, key, max_device_memory, (s, s, ch),
-                            (pipe.max_tokens, pipe.unet.config.cross_attention_dim))
+        return plan_program(model, settings.method, remat, per_device, lower, key, max_device_memory, (s, s, ch), cond_shapes(pipe))
 
     def invert(
         self, pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings,
@@ -294,8 +297,8 @@ class ShardedInverter:
             inputs = self._prepare(replicas, [images[r] for r in rows], padded, settings)
             out = program(model, inputs)
             for d, (device, rep) in enumerate(zip(self.devices, replicas)):
-                local = InvertOutputs(*[_local(a, device) for a in out])
-                piece = assemble(rep, settings, padded[d * per : (d + 1) * per], _local(inputs.cond, device),
+                local = jax.tree_util.tree_map(lambda a: _local(a, device), out)
+                piece = assemble(rep, settings, padded[d * per : (d + 1) * per], jax.tree_util.tree_map(lambda a: _local(a, device), inputs.cond),
                                  _local(inputs.sched.timesteps, device), local)
                 invs.extend(piece[j] for j in range(per))
             invs = invs[: min(len(images), start + step)]
@@ -310,7 +313,7 @@ class ShardedInverter:
         out: list = [None] * len(invs)
         for rep, ks in by_device.items():
             rows = [invs[k] for k in ks]
-            batch = rows[0].replace(**{f: jnp.concatenate([getattr(r, f) for r in rows]) for f in BATCHED_FIELDS},
+            batch = rows[0].replace(**{f: cnd.concat([getattr(r, f) for r in rows]) for f in BATCHED_FIELDS},
                                     prompts=tuple(p for r in rows for p in r.prompts))
             images, latents = reconstruct(rep, batch)
             vae = rep.decode_latents(batch.pivots[:, 0])

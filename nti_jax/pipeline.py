@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import conditioning as cnd
+from .conditioning import Cond, TextCond
 from .convert import from_torch_layout, load_state
-from .model_config import CONFIG_ADVICE, WEIGHT_FILES, check_folder, read_configs
+from .model_config import CONFIG_ADVICE, WEIGHT_FILES, check_folder, model_family, read_configs, weight_files
 from .errors import ModelError, PromptError, PromptTruncatedWarning
 from .models import (
     AutoencoderKL,
@@ -42,6 +44,16 @@ def _encode_prompt(text: CLIPTextModel, params, ids):
 
 
 @partial(jax.jit, static_argnums=(0, 1))
+def _encode_prompt_xl(text: CLIPTextModel, text_2: CLIPTextModel, params, params_2, ids, ids_2) -> TextCond:
+    """SDXL's prompt embeddings as diffusers' StableDiffusionXLPipeline.encode_prompt makes them:
+    both encoders' penultimate hidden states side by side, and text_encoder_2's projected pooled
+    state."""
+    states, _ = text.apply({"params": params}, ids)
+    states_2, pooled = text_2.apply({"params": params_2}, ids_2)
+    return TextCond(jnp.concatenate([states, states_2], axis=-1), pooled)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
 def _encode_image(vae: AutoencoderKL, scaling: float, params, images):
     x = images.astype(jnp.float32) / 127.5 - 1.0
     mean, _ = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
@@ -56,17 +68,34 @@ def _decode_latents(vae: AutoencoderKL, scaling: float, params, latents):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pipeline:
-    """Stable Diffusion for inversion and editing. Arrays are NHWC. Params are float32, except
-    that a bfloat16/float16 UNet and text encoder keep their weight matrices in that dtype
-    (`storage_dtypes`)."""
+    """Stable Diffusion (1.x, 2.x or XL) for inversion and editing. Arrays are NHWC. Params are
+    float32, except that a bfloat16/float16 UNet and text encoders keep their weight matrices in
+    that dtype (`storage_dtypes`). SDXL has a second text encoder and tokenizer, and its
+    conditioning is a `TextCond` (`conditioning`)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
-    params: dict  # {"unet": ..., "vae": ..., "text_encoder": ...}
+    params: dict  # {"unet": ..., "vae": ..., "text_encoder": ..., SDXL: "text_encoder_2": ...}
     tokenizer: Any
     scheduler_config: dict
     name: str = ""
+    text_encoder_2: Optional[CLIPTextModel] = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: the unconditional embedding is zeros, as in diffusers
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def time_ids(self) -> Optional[jax.Array]:
+        """SDXL's added time ids (6,): original size, crop top-left (0, 0), target size, all the
+        model's square size (images are cropped and resized to it, as diffusers' defaults)."""
+        if not self.is_sdxl:
+            return None
+        s = float(self.image_size)
+        return jnp.asarray([s, s, 0.0, 0.0, s, s], jnp.float32)
 
     @property
     def dtype(self) -> str:
@@ -89,26 +118,28 @@ class Pipeline:
     def max_tokens(self) -> int:
         return self.text_encoder.config.max_position_embeddings
 
-    def _full_ids(self, prompt: str) -> list[int]:
+    def _full_ids(self, prompt: str, tokenizer=None) -> list[int]:
         if not isinstance(prompt, str):
             raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
-        return self.tokenizer(prompt, verbose=False)["input_ids"]  # verbose=False: no length warning
+        return (tokenizer or self.tokenizer)(prompt, verbose=False)["input_ids"]  # verbose=False: no length warning
 
     def truncation(self, prompt: str) -> Optional[str]:
         """The text `tokenize` cuts from `prompt` (diffusers' "removed text"), or None if it fits."""
         full, n = self._full_ids(prompt), self.max_tokens
         return self.tokenizer.decode(full[n - 1 : -1]) if len(full) > n else None
 
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        """Token ids (B, 77), padded. A longer prompt is cut by the tokenizer's truncation as
-        diffusers does (bos, its first 75 tokens, eos), with one PromptTruncatedWarning each."""
+    def tokenize(self, prompts: Sequence[str], tokenizer=None) -> np.ndarray:
+        """Token ids (B, 77), padded, by `tokenizer` (default: the first). A longer prompt is cut
+        by the tokenizer's truncation as diffusers does (bos, its first 75 tokens, eos), with one
+        PromptTruncatedWarning each (from the first tokenizer only)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         n = self.max_tokens
+        tok = tokenizer or self.tokenizer
         ids = []
         for p in prompts:
-            full = self._full_ids(p)
-            if len(full) > n:
+            full = self._full_ids(p, tok)
+            if len(full) > n and tok is self.tokenizer:
                 warnings.warn(
                     PromptTruncatedWarning(
                         f"The following part of your input was truncated because CLIP can only handle sequences "
@@ -116,12 +147,27 @@ class Pipeline:
                     ),
                     stacklevel=2,
                 )
-            ids.append(self.tokenizer(p, padding="max_length", max_length=n, truncation=True)["input_ids"])
+            ids.append(tok(p, padding="max_length", max_length=n, truncation=True)["input_ids"])
         return np.asarray(ids, dtype=np.int32)
 
-    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
-        """Text embeddings (B, 77, D) in float32."""
+    def encode_prompt(self, prompts: Sequence[str]) -> Cond:
+        """Text conditioning in float32: embeddings (B, 77, D), or SDXL's `TextCond` (tokens
+        (B, 77, D1 + D2), pooled (B, P))."""
+        if self.is_sdxl:
+            p = self.params
+            return _encode_prompt_xl(self.text_encoder, self.text_encoder_2, p["text_encoder"], p["text_encoder_2"],
+                                     self.tokenize(prompts), self.tokenize(prompts, self.tokenizer_2))
         return _encode_prompt(self.text_encoder, self.params["text_encoder"], self.tokenize(prompts))
+
+    def encode_with_null(self, prompts: Sequence[str]) -> tuple[Cond, Cond]:
+        """(the prompts' conditioning (B, ...), the unconditional one (1, ...)): the "" prompt's,
+        encoded in the same call, or zeros where the model sets force_zeros_for_empty_prompt
+        (SDXL base), as diffusers' pipelines make it when no negative prompt is given."""
+        emb = self.encode_prompt(list(prompts) + [""])
+        cond, null = cnd.take(emb, slice(0, -1)), cnd.take(emb, slice(-1, None))
+        if self.force_zeros_for_empty_prompt:
+            null = jax.tree_util.tree_map(jnp.zeros_like, null)
+        return cond, null
 
     def encode_image(self, images) -> jax.Array:
         """uint8 (B, H, W, 3) -> VAE posterior mean x scaling_factor, (B, H/f, W/f, C)."""
@@ -181,27 +227,52 @@ def build_modules(unet_config: dict, vae_config: dict, text_config: dict, dtype:
     return unet, vae, text
 
 
-def param_shapes(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel) -> dict:
-    """Shape trees of the three param sets (no allocation); also the init recipe for training."""
+def build_text_encoders_xl(text_config: dict, text_config_2: dict, dtype: str = "float32") -> tuple[CLIPTextModel, CLIPTextModel]:
+    """SDXL's two encoders with their SDXL outputs: CLIP ViT-L (no projection; its config's
+    projection_dim describes weights CLIPTextModel does not have) and OpenCLIP bigG with its
+    text_projection (CLIPTextModelWithProjection)."""
+    arch = (text_config_2.get("architectures") or ["CLIPTextModelWithProjection"])[0]
+    if arch != "CLIPTextModelWithProjection":
+        raise ModelError(f"text_encoder_2 is a {arch}; SDXL's is a CLIPTextModelWithProjection")
     try:
-        return jax.eval_shape(lambda: init_params(unet, vae, text, jax.random.PRNGKey(0)))
+        cfg, cfg_2 = CLIPTextConfig.from_transformers(text_config), CLIPTextConfig.from_transformers(text_config_2)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"unsupported or malformed text encoder config: {e}") from None
+    if not cfg_2.projection_dim:
+        raise ModelError("text_encoder_2/config.json lacks projection_dim (CLIPTextModelWithProjection's)")
+    dt = DTYPES[dtype]
+    return (CLIPTextModel(dataclasses.replace(cfg, projection_dim=None), dt, outputs="sdxl"),
+            CLIPTextModel(cfg_2, dt, outputs="sdxl"))
+
+
+def param_shapes(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel, text_2: Optional[CLIPTextModel] = None) -> dict:
+    """Shape trees of the param sets (no allocation); also the init recipe for training."""
+    try:
+        return jax.eval_shape(lambda: init_params(unet, vae, text, jax.random.PRNGKey(0), text_2))
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"the model configs describe networks that cannot be built ({msg})") from None
 
 
-def init_params(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel, key) -> dict:
-    """Random float32 params for the three networks."""
+def init_params(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel, key, text_2: Optional[CLIPTextModel] = None) -> dict:
+    """Random float32 params for the networks (SDXL: with `text_2`, its second text encoder)."""
     uc, vc = unet.config, vae.config
     s, f = uc.sample_size, vc.downscale
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    added = None
+    if uc.addition_embed_type == "text_time":
+        pooled = uc.projection_class_embeddings_input_dim - 6 * uc.addition_time_embed_dim
+        added = (jnp.zeros((1, pooled)), jnp.zeros((1, 6)))
+    params = {
         "unet": unet.init(
-            k1, jnp.zeros((1, s, s, uc.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 8, uc.cross_attention_dim))
+            k1, jnp.zeros((1, s, s, uc.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 8, uc.cross_attention_dim)), None, added
         )["params"],
         "vae": vae.init(k2, jnp.zeros((1, 8 * f, 8 * f, vc.in_channels)))["params"],
         "text_encoder": text.init(k3, jnp.zeros((1, 8), jnp.int32))["params"],
     }
+    if text_2 is not None:
+        params["text_encoder_2"] = text_2.init(k4, jnp.zeros((1, 8), jnp.int32))["params"]
+    return params
 
 
 
@@ -224,8 +295,10 @@ def storage_dtypes(params: Any, dtype: str) -> Any:
 
 
 def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = False) -> Pipeline:
-    """Load a diffusers-format SD 1.x/2.x folder or hub id. `dtype` is the UNet/text compute dtype
-    (their weight matrices are stored in it too, see `storage_dtypes`).
+    """Load a diffusers-format SD 1.x/2.x or SDXL folder or hub id. `dtype` is the UNet/text
+    compute dtype (their weight matrices are stored in it too, see `storage_dtypes`). An SDXL
+    folder is known by its model_index.json (StableDiffusionXLPipeline); it loads its two text
+    encoders and tokenizers, the full-precision weights where `*.fp16.safetensors` sit beside them.
 
     Every file is checked before it is used (configs, safetensors headers, the tokenizer): a
     missing or damaged one is a one-line ModelError naming it. Weights are memory-mapped and
@@ -233,19 +306,30 @@ def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = Fa
     folder = resolve_model(model)
     check_folder(folder, model)
     sub = lambda name: os.path.join(folder, name)
-    configs, sched = read_configs(folder)
+    family, index = model_family(folder)
+    files = weight_files(family)
+    configs, sched = read_configs(folder, family)
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    states = {k: load_state(sub(k), base, allow_pickle=allow_pickle) for k, base in WEIGHT_FILES.items()}
+    states = {k: load_state(sub(k), base, allow_pickle=allow_pickle) for k, base in files.items()}
     tokenizer = load_tokenizer(sub("tokenizer"))
     unet, vae, text = build_modules(configs["unet"], configs["vae"], configs["text_encoder"], dtype)
-    templates = param_shapes(unet, vae, text)
+    extra: dict = {}
+    text_2 = None
+    if family == "sdxl":
+        text, text_2 = build_text_encoders_xl(configs["text_encoder"], configs["text_encoder_2"], dtype)
+        extra = dict(text_encoder_2=text_2, tokenizer_2=load_tokenizer(sub("tokenizer_2")),
+                     force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+    if (unet.config.addition_embed_type == "text_time") != (family == "sdxl"):
+        raise ModelError(f"{sub('unet/config.json')}: addition_embed_type {unet.config.addition_embed_type!r} does not suit "
+                         f"a {'StableDiffusionXLPipeline' if family == 'sdxl' else 'Stable Diffusion 1.x/2.x'} folder (SDXL's UNet has \"text_time\")")
+    templates = param_shapes(unet, vae, text, text_2)
     stored = lambda k: dtype if k != "vae" else "float32"  # the VAE computes in float32
     params = {
         k: jax.tree_util.tree_map(jnp.asarray, storage_dtypes(from_torch_layout(states.pop(k), templates[k], what=k), stored(k)))
-        for k in WEIGHT_FILES
+        for k in files
     }
-    return Pipeline(unet, vae, text, params, tokenizer, sched, name=model)
+    return Pipeline(unet, vae, text, params, tokenizer, sched, name=model, **extra)
 
 
 # What transformers logs on import when torch is absent (5.x; 4.x when flax is absent too).

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from . import conditioning as cnd
+from .conditioning import Cond, TextCond
 from .errors import NtiError
 from .models import AttentionHook, UNet2DConditionModel
 from .pipeline import Pipeline
@@ -29,16 +31,21 @@ class Denoiser:
     params: Any
     module: UNet2DConditionModel = struct.field(pytree_node=False)
     prediction_type: str = struct.field(pytree_node=False, default="epsilon")
+    time_ids: Optional[jax.Array] = None  # (6,) SDXL's size and crop numbers, the same for every row
 
     @classmethod
     def of(cls, pipe: Pipeline) -> "Denoiser":
-        return cls(pipe.params["unet"], pipe.unet, pipe.scheduler_config.get("prediction_type", "epsilon"))
+        return cls(pipe.params["unet"], pipe.unet, pipe.scheduler_config.get("prediction_type", "epsilon"), pipe.time_ids)
 
-    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, hook: Optional[AttentionHook] = None) -> jax.Array:
-        """The raw UNet output (eps or v) for latents (B,h,w,C) and contexts (B,L,D), float32."""
+    def __call__(self, x: jax.Array, t: jax.Array, context: Cond, hook: Optional[AttentionHook] = None) -> jax.Array:
+        """The raw UNet output (eps or v) for latents (B,h,w,C) and conditioning (`conditioning`;
+        token embeddings (B,L,D) or SDXL's `TextCond`), float32."""
+        if isinstance(context, TextCond):
+            ids = jnp.broadcast_to(self.time_ids, (x.shape[0], self.time_ids.shape[0]))
+            return self.module.apply({"params": self.params}, x, t, context.tokens, hook, added=(context.pooled, ids))
         return self.module.apply({"params": self.params}, x, t, context, hook)
 
-    def eps(self, x: jax.Array, t: jax.Array, a: jax.Array, context: jax.Array, hook: Optional[AttentionHook] = None) -> jax.Array:
+    def eps(self, x: jax.Array, t: jax.Array, a: jax.Array, context: Cond, hook: Optional[AttentionHook] = None) -> jax.Array:
         """The prediction as epsilon; `a` is the alpha of the latent's noise level (v conversion)."""
         return to_eps(self(x, t, context, hook), x, a, self.prediction_type)
 
@@ -70,14 +77,14 @@ def inversion_schedule(pipe: Pipeline, inv: "Inversion") -> Schedule:
 
 
 def cfg_sample(model: Denoiser, sched: Schedule, x_T: jax.Array, cond: jax.Array, uncond: jax.Array, guidance: jax.Array) -> jax.Array:
-    """DDIM sampling from x_T (B,h,w,C) with per-step unconditional embeddings (B,T,L,D).
+    """DDIM sampling from x_T (B,h,w,C) with per-step unconditional conditioning (B,T,...).
 
     Returns the final latents (B,h,w,C). One lax.scan over the steps.
     """
 
     def step(x, k):
         t, a_t, a_prev = sched.timesteps[k], sched.alpha_t[k], sched.alpha_prev[k]
-        return denoise_step(model.cfg_eps(x, t, a_t, cond, uncond[:, k], guidance), x, a_t, a_prev), None
+        return denoise_step(model.cfg_eps(x, t, a_t, cond, cnd.take(uncond, (slice(None), k)), guidance), x, a_t, a_prev), None
 
     x, _ = jax.lax.scan(step, x_T, jnp.arange(sched.timesteps.shape[0]))
     return x
@@ -115,8 +122,8 @@ def generate(
     x_T = jax.random.normal(jax.random.PRNGKey(seed), shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
     if x_T.shape != shape:
         raise ValueError(f"x_T must have shape {shape}, got {x_T.shape}")
-    cond = pipe.encode_prompt(prompts)
-    uncond = jnp.broadcast_to(pipe.encode_prompt([""])[:, None], (len(prompts), settings.num_steps, *cond.shape[1:]))
+    cond, null = pipe.encode_with_null(prompts)
+    uncond = cnd.broadcast(null, (len(prompts), settings.num_steps), drop=1)
     z = _sample_program(
         Denoiser.of(pipe), model_schedule(pipe, settings.num_steps), x_T, cond, uncond, None,
         jnp.float32(settings.guidance_scale), direct=False,
