@@ -9,7 +9,7 @@ budget), and its JSON line is appended to --out as soon as it ends, so a lease c
 returns every finished point. Points, in order of value (`POINTS`): null-text in bf16 at batch
 1; the same with each candidate fix as an A/B (the flipped-kernel conv gradient, CUDA-graph
 capture of loops); the compile again from the persistent cache; bf16 at batch 8 and 4; a
-two-prompt 50-step edit; the toy model's bf16 against float32 null-text on held-out images;
+two-prompt 50-step edit; SDXL (1024 px) null-text in bf16 at batch 1; the toy model's bf16 against float32 null-text on held-out images;
 float32 at batch 1; the PyTorch reference.
 
 A null-text point builds random UNet weights from the parameter shapes on the device (no torch,
@@ -48,6 +48,7 @@ POINTS = [
     ("bf16-b8", "invert", dict(dtype="bfloat16", batch=8), 240),
     ("bf16-b4", "invert", dict(dtype="bfloat16", batch=4), 200),
     ("bf16-edit-2", "edit", dict(dtype="bfloat16", rows=2), 180),
+    ("sdxl-bf16-b1", "invert", dict(dtype="bfloat16", batch=1, model="sdxl"), 240),
     ("toy-bf16-vs-f32", "quality", dict(n=10), 180),
     ("f32-b1", "invert", dict(dtype="float32", batch=1), 200),
     ("torch-f32-b1", "torch", dict(), 120),
@@ -91,11 +92,12 @@ def random_inputs(model, batch: int, steps: int):
     from nti_jax import inversion, testing
     from nti_jax.schedule import Schedule, ddim_schedule
 
-    s, ch, d = memory._dims(model)
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+    s, ch, _ = memory._dims(model)
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
+    cond = lambda: jax.tree_util.tree_map(lambda a: jax.random.normal(next(keys), a.shape), memory.cond_spec(model, (batch,)))
     sched = Schedule(*map(jnp.asarray, ddim_schedule(testing.SD1_SCHEDULER, steps)))
-    return inversion.InvertInputs(jax.random.normal(k1, (batch, s, s, ch)), jax.random.normal(k2, (batch, 77, d)),
-                                  jax.random.normal(k3, (batch, 77, d)), sched, jnp.float32(7.5), jnp.int32(1), jnp.float32(-1.0))
+    return inversion.InvertInputs(jax.random.normal(next(keys), (batch, s, s, ch)), cond(), cond(), sched, jnp.float32(7.5),
+                                  jnp.int32(1), jnp.float32(-1.0))
 
 
 def _device_free_bytes() -> int | None:
@@ -239,15 +241,16 @@ def run_point(name: str, kind: str, settings: dict, a) -> dict:
     from nti_jax import parallel
 
     parallel.enable_compilation_cache(os.path.join(a.cache, "jax-cache"))
-    row = dict(point=name, model=a.model, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+    model = "tiny" if a.dry_run else settings.get("model", a.model)
+    row = dict(point=name, model=model, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                jax=jax.__version__)
     dtype = settings.get("dtype")
     if kind == "invert":
         row.update(dtype=dtype, batch=settings["batch"], **run_invert(
-            a.model, dtype, settings["batch"], a.steps, a.inner, settings.get("profile", False),
+            model, dtype, settings["batch"], a.steps, a.inner, settings.get("profile", False),
             settings.get("compile_only", False), os.path.join(a.cache, "trace", name)))
     elif kind == "edit":
-        row.update(dtype=dtype, **run_edit(a.model, dtype, settings["rows"], a.edit_steps))
+        row.update(dtype=dtype, **run_edit(model, dtype, settings["rows"], a.edit_steps))
     elif kind == "quality":
         row.update(run_quality(settings["n"] if not a.dry_run else 2, a.steps if a.dry_run else FULL_STEPS))
     else:

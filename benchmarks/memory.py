@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nti_jax import inversion, pipeline  # noqa: E402
+from nti_jax.conditioning import TextCond  # noqa: E402
 from nti_jax.sampling import Denoiser  # noqa: E402
 from nti_jax.schedule import Schedule  # noqa: E402
 
@@ -56,6 +58,19 @@ CONFIGS = {
         vae=dict(_VAE, sample_size=768), prediction="v_prediction",
         text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"),
     ),
+    # stabilityai/stable-diffusion-xl-base-1.0's configs (1024 px): CLIP ViT-L and OpenCLIP bigG.
+    "sdxl": dict(
+        unet=dict(block_out_channels=[320, 640, 1280], layers_per_block=2, norm_num_groups=32, in_channels=4, out_channels=4,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[5, 10, 20],
+                  transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                  flip_sin_to_cos=True, freq_shift=0, sample_size=128),
+        vae=dict(_VAE, sample_size=1024, scaling_factor=0.13025), prediction="epsilon",
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"),
+        text_2=dict(architectures=["CLIPTextModelWithProjection"], hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                    num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+    ),
 }
 
 
@@ -70,13 +85,22 @@ def config(kind: str) -> dict:
     return tiny_config() if kind == "tiny" else CONFIGS[kind]
 
 
-def abstract_model(kind: str, dtype: str) -> Denoiser:
-    """The UNet as a Denoiser whose params are ShapeDtypeStructs, stored as `load_pipeline` stores them."""
+def abstract_pipeline(kind: str, dtype: str) -> pipeline.Pipeline:
+    """A Pipeline whose params are ShapeDtypeStructs, stored as `load_pipeline` stores them (no
+    tokenizer: nothing here encodes text)."""
     cfg = config(kind)
     unet, vae, text = pipeline.build_modules(cfg["unet"], cfg["vae"], cfg["text"], dtype)
-    shapes = pipeline.param_shapes(unet, vae, text)["unet"]
-    store = getattr(pipeline, "storage_dtypes", lambda p, d: p)  # absent before issue 13
-    return Denoiser(store(shapes, dtype), unet, cfg["prediction"])
+    text_2 = None
+    if "text_2" in cfg:
+        text, text_2 = pipeline.build_text_encoders_xl(cfg["text"], cfg["text_2"], dtype)
+    shapes = pipeline.param_shapes(unet, vae, text, text_2)
+    params = {k: pipeline.storage_dtypes(v, dtype if k != "vae" else "float32") for k, v in shapes.items()}
+    return pipeline.Pipeline(unet, vae, text, params, None, {"prediction_type": cfg["prediction"]}, name=kind, text_encoder_2=text_2)
+
+
+def abstract_model(kind: str, dtype: str) -> Denoiser:
+    """The UNet as a Denoiser whose params are ShapeDtypeStructs."""
+    return Denoiser.of(abstract_pipeline(kind, dtype))
 
 
 def _dims(model: Denoiser) -> tuple[int, int, int]:
@@ -84,11 +108,23 @@ def _dims(model: Denoiser) -> tuple[int, int, int]:
     return c.sample_size, c.in_channels, c.cross_attention_dim
 
 
+def cond_spec(model: Denoiser, lead: tuple) -> Any:
+    """Abstract conditioning with leading axes `lead`: (..., 77, D), or SDXL's TextCond."""
+    c, f32, spec = model.module.config, jnp.float32, jax.ShapeDtypeStruct
+    tokens = spec(tuple(lead) + (77, c.cross_attention_dim), f32)
+    return TextCond(tokens, spec(tuple(lead) + (c.pooled_dim,), f32)) if c.pooled_dim else tokens
+
+
+def cond_shapes(model: Denoiser) -> Any:
+    """Per-row shapes of the conditioning ((77, D), or a TextCond of shapes)."""
+    return jax.tree_util.tree_map(lambda a: a.shape[1:], cond_spec(model, (1,)))
+
+
 def invert_inputs(model: Denoiser, batch: int, steps: int = 50) -> inversion.InvertInputs:
     s, ch, d = _dims(model)
     f32, spec = jnp.float32, jax.ShapeDtypeStruct
     sched = Schedule(spec((steps,), jnp.int32), spec((steps,), f32), spec((steps,), f32))
-    return inversion.InvertInputs(spec((batch, s, s, ch), f32), spec((batch, 77, d), f32), spec((batch, 77, d), f32), sched,
+    return inversion.InvertInputs(spec((batch, s, s, ch), f32), cond_spec(model, (batch,)), cond_spec(model, (batch,)), sched,
                                   spec((), f32), spec((), jnp.int32), spec((), f32))
 
 
@@ -115,8 +151,8 @@ def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool =
     static, arr = p2p.compile_controller(fake, controller, source, [target] * (rows - 1), steps, s, False)
     f32, spec = jnp.float32, jax.ShapeDtypeStruct
     sched = Schedule(spec((steps,), jnp.int32), spec((steps,), f32), spec((steps,), f32))
-    inputs = p2p.EditInputs(sched, spec((1, s, s, ch), f32), spec((rows, 77, d), f32), spec((steps, 77, d), f32),
-                            spec((steps + 1, s, s, ch), f32), spec((), f32), spec((77, d), f32))
+    inputs = p2p.EditInputs(sched, spec((1, s, s, ch), f32), cond_spec(model, (rows,)), cond_spec(model, (steps,)),
+                            spec((steps + 1, s, s, ch), f32), spec((), f32), cond_spec(model, ()))
     arr_spec = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), arr)
     lowered = p2p._edit_program.lower(model, arr_spec, inputs, static=static, edit=True)
     if not concrete:
@@ -126,8 +162,9 @@ def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool =
 
     keys = iter(jax.random.split(jax.random.PRNGKey(2), 8))
     normal = lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
+    normal_tree = lambda tree: jax.tree_util.tree_map(normal, tree)
     values = p2p.EditInputs(Schedule(*map(jnp.asarray, ddim_schedule(testing.SD1_SCHEDULER, steps))), normal(inputs.x_T),
-                            normal(inputs.cond), normal(inputs.phi), normal(inputs.pivots), jnp.float32(7.5), normal(inputs.empty))
+                            normal_tree(inputs.cond), normal_tree(inputs.phi), normal(inputs.pivots), jnp.float32(7.5), normal_tree(inputs.empty))
     return lowered, (model, arr, values)
 
 
@@ -152,7 +189,7 @@ def residuals(kind: str, dtype: str, modes=inversion.REMAT_MODES if hasattr(inve
     s, ch, d = _dims(model)
     out = {}
     for mode in modes:
-        one, two = (inversion.gradient_residual_bytes(model, b, (s, s, ch), (77, d), mode) for b in (1, 2))
+        one, two = (inversion.gradient_residual_bytes(model, b, (s, s, ch), cond_shapes(model), mode) for b in (1, 2))
         out[mode] = {"batch1_gib": one / GIB, "per_image_gib": (two - one) / GIB}
     return out
 
@@ -227,7 +264,7 @@ def unet_costs(kind: str, dtype: str) -> dict:
         return jax.grad(lambda c: jnp.sum(m(x, jnp.int32(500), c)))(c)
 
     def cost(fn, b):
-        c = jax.jit(fn).lower(model, spec((b, s, s, ch), jnp.float32), spec((b, 77, d), jnp.float32)).cost_analysis()
+        c = jax.jit(fn).lower(model, spec((b, s, s, ch), jnp.float32), cond_spec(model, (b,))).cost_analysis()
         c = c[0] if isinstance(c, (list, tuple)) else c
         return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0))}
 
@@ -404,7 +441,7 @@ def main(argv=None) -> int:
                 bf16 = abstract_model(m, "bfloat16")
                 params = sum(a.size * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(bf16.params))
                 s, ch, dim = _dims(bf16)
-                moved = bytes_per_image(params, inversion.gradient_residual_bytes(bf16, 1, (s, s, ch), (77, dim), "none"))
+                moved = bytes_per_image(params, inversion.gradient_residual_bytes(bf16, 1, (s, s, ch), cond_shapes(bf16), "none"))
                 print(json.dumps({"model": m, "dtype": d, "per_call": c, "per_image": img, "bf16_bytes_per_image": moved,
                                   "cost_model": [r for u in (1.0, 0.4) for r in cost_model(img["flops"]["after"], moved, u)]}))
     elif a.cmd == "build-sd":

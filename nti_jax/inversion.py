@@ -340,7 +340,7 @@ def cond_shapes(pipe: Pipeline) -> Any:
     cfg = pipe.unet.config
     tokens = (pipe.max_tokens, cfg.cross_attention_dim)
     if pipe.is_sdxl:
-        return TextCond(tokens, (cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim,))
+        return TextCond(tokens, (cfg.pooled_dim,))
     return tokens
 
 

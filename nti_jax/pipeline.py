@@ -261,8 +261,7 @@ def init_params(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextMo
     k1, k2, k3, k4 = jax.random.split(key, 4)
     added = None
     if uc.addition_embed_type == "text_time":
-        pooled = uc.projection_class_embeddings_input_dim - 6 * uc.addition_time_embed_dim
-        added = (jnp.zeros((1, pooled)), jnp.zeros((1, 6)))
+        added = (jnp.zeros((1, uc.pooled_dim)), jnp.zeros((1, 6)))
     params = {
         "unet": unet.init(
             k1, jnp.zeros((1, s, s, uc.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 8, uc.cross_attention_dim)), None, added

@@ -102,6 +102,13 @@ class UNetConfig:
     addition_time_embed_dim: int = 256
     projection_class_embeddings_input_dim: int = 0
 
+    @property
+    def pooled_dim(self) -> int:
+        """The width of the pooled text embedding "text_time" takes (0 without it)."""
+        if self.addition_embed_type != "text_time":
+            return 0
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "UNetConfig":
         bad = {k: cfg[k] for k, v in _UNSUPPORTED.items() if k in cfg and cfg[k] != v}
