@@ -110,7 +110,7 @@ def run_jax(name: str, out: str) -> dict:
         unet, vae, text = pipeline.build_modules(sd["unet"], sd["vae"], sd["text"])
         module = vae if name == "vae" else unet
         shapes = pipeline.param_shapes(unet, vae, text)[name]
-    params = convert.from_torch_layout(convert.load_state(folder, XL_WEIGHT_FILES[name]), shapes, what=name)
+    params = convert.from_torch_layout(convert.load_state(folder, XL_WEIGHT_FILES[name]), shapes, what=name, place=jnp.asarray)
     x, want = _inputs(name), dict(np.load(os.path.join(out, f"{name}.torch.npz")))
     t = time.time()
     if name.startswith("text_encoder"):

@@ -16,7 +16,7 @@ import math
 import mmap
 import os
 import struct
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
@@ -197,8 +197,11 @@ def _summary(names: Iterable[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def from_torch_layout(state: Mapping[str, np.ndarray], template: Mapping, *, dtype=np.float32, what: str = "model") -> dict:
+def from_torch_layout(state: Mapping[str, np.ndarray], template: Mapping, *, dtype=np.float32, what: str = "model",
+                      place: Optional[Callable[[np.ndarray], Any]] = None) -> dict:
     """Map a torch state dict onto a Flax param tree shaped like `template` (shapes or arrays).
+    `place` (e.g. `jnp.asarray`) takes each converted tensor as it is made, so a large model is
+    never held twice on the host (SDXL's UNet is 10.3 GB in float32).
 
     Raises ModelError listing every missing, unexpected or mis-shaped key.
     """
@@ -230,7 +233,7 @@ def from_torch_layout(state: Mapping[str, np.ndarray], template: Mapping, *, dty
         if w.shape != shape:
             bad.append(f"{name} {tuple(state[name].shape)} (expected {shape} in Flax layout)")
             continue
-        out[path] = w.astype(dtype)
+        out[path] = w.astype(dtype) if place is None else place(w.astype(dtype))
     if bad:
         errors.append(f"wrong shapes: {_summary(bad, 4)}")
     if errors:

@@ -281,16 +281,15 @@ def storage_dtypes(params: Any, dtype: str) -> Any:
     every leaf of two or more dimensions (kernels, embeddings: what each layer casts to `dtype`
     before use) in `dtype`, so the results are the same bits at half the memory; vectors (biases,
     norm scales) stay float32. For float32, unchanged."""
-    if dtype == "float32":
-        return params
+    return params if dtype == "float32" else jax.tree_util.tree_map(lambda a: stored_leaf(a, dtype), params)
+
+
+def stored_leaf(a: Any, dtype: str) -> Any:
+    """One leaf of `storage_dtypes`."""
+    if dtype == "float32" or a.ndim < 2 or a.dtype != jnp.float32:
+        return a
     dt = DTYPES[dtype]
-
-    def cast(a):
-        if a.ndim < 2 or a.dtype != jnp.float32:
-            return a
-        return jax.ShapeDtypeStruct(a.shape, dt) if isinstance(a, jax.ShapeDtypeStruct) else a.astype(dt)
-
-    return jax.tree_util.tree_map(cast, params)
+    return jax.ShapeDtypeStruct(a.shape, dt) if isinstance(a, jax.ShapeDtypeStruct) else a.astype(dt)
 
 
 def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = False) -> Pipeline:
@@ -324,8 +323,8 @@ def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = Fa
                          f"a {'StableDiffusionXLPipeline' if family == 'sdxl' else 'Stable Diffusion 1.x/2.x'} folder (SDXL's UNet has \"text_time\")")
     templates = param_shapes(unet, vae, text, text_2)
     stored = lambda k: dtype if k != "vae" else "float32"  # the VAE computes in float32
-    params = {
-        k: jax.tree_util.tree_map(jnp.asarray, storage_dtypes(from_torch_layout(states.pop(k), templates[k], what=k), stored(k)))
+    params = {  # each tensor placed as it is converted: a model is never held twice on the host
+        k: from_torch_layout(states.pop(k), templates[k], what=k, place=lambda a, d=stored(k): jnp.asarray(stored_leaf(a, d)))
         for k in files
     }
     return Pipeline(unet, vae, text, params, tokenizer, sched, name=model, **extra)

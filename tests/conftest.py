@@ -13,21 +13,29 @@ from nti_jax import parallel, testing
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One persistent compilation cache per test module that runs the CLI (in-process runs and
-    subprocesses share it), put back as it was afterwards; never ~/.cache."""
-    path = str(tmp_path_factory.mktemp("jax-cache"))
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache, os.environ.get("NTI_JAX_CACHE_DIR"))
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the whole run, in its temporary folder (never
+    ~/.cache), shared by pytest-xdist's workers and every CLI run, in process or not: the tiny
+    models' programs recur across modules (the same configs, params are arguments), so each is
+    compiled once. Tests that need a cold cache give their own (test_memory's dry run)."""
+    base = tmp_path_factory.getbasetemp()
+    path = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache")
+    before = os.environ.get("NTI_JAX_CACHE_DIR")
     os.environ["NTI_JAX_CACHE_DIR"] = path
+    parallel.enable_compilation_cache(path)
     yield path
     parallel.enable_compilation_cache(None)
-    jax.config.update("jax_enable_compilation_cache", before[1])
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    if before[2] is None:
+    if before is None:
         os.environ.pop("NTI_JAX_CACHE_DIR", None)
     else:
-        os.environ["NTI_JAX_CACHE_DIR"] = before[2]
+        os.environ["NTI_JAX_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="module")
+def cache_dir(compilation_cache):
+    """The run's compilation cache, for the modules that start CLI subprocesses."""
+    return compilation_cache
 
 
 @pytest.fixture
