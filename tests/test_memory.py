@@ -163,13 +163,14 @@ def test_device_bench_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_null_text_reconstructs_within_0p3_db_of_float32():
-    """Issue 13's bf16 quality target on three held-out toy images that a batch-of-two sampler
-    loses 1.1-1.2 dB on in bf16: sampling must replay the optimisation's own UNet calls."""
+    """Issue 13's bf16 quality target on a held-out toy image that a batch-of-two sampler loses
+    1.1-1.2 dB on in bf16 (each of the three it was found on does; one keeps CI short):
+    sampling must replay the optimisation's own UNet calls."""
     from nti_jax.io import psnr, to_uint8
     from nti_jax.toy import shapes
     from nti_jax.toy.train import EVAL_SEED0
 
-    images, _, captions = shapes.render_batch([EVAL_SEED0 + i for i in (1, 4, 7)], 64)
+    images, _, captions = shapes.render_batch([EVAL_SEED0 + 4], 64)
     toy = os.path.join(os.path.dirname(nti_jax.__file__), "toy", "model")
     scores = {}
     for dtype in ("float32", "bfloat16"):
