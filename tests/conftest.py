@@ -61,3 +61,9 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(folder):
     return nti_jax.load_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    """A tiny random SDXL folder in sdxl-base's layout, with fp16 variant files (`testing.make_tiny_sdxl`)."""
+    return testing.make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl") / "tiny"), seed=0, fp16_variant=True)

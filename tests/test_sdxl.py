@@ -13,7 +13,6 @@ import torch
 
 import nti_jax
 from benchmarks import torch_reference as tr
-from nti_jax import testing
 from nti_jax.conditioning import TextCond
 from nti_jax.errors import ModelError
 from nti_jax.sampling import Denoiser
@@ -23,18 +22,13 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture(scope="module")
-def xl_folder(tmp_path_factory):
-    return testing.make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl") / "tiny"), seed=0, fp16_variant=True)
+def xl(sdxl_folder):
+    return nti_jax.load_pipeline(sdxl_folder)
 
 
 @pytest.fixture(scope="module")
-def xl(xl_folder):
-    return nti_jax.load_pipeline(xl_folder)
-
-
-@pytest.fixture(scope="module")
-def ref(xl_folder):
-    return tr.load_sdxl_components(xl_folder)
+def ref(sdxl_folder):
+    return tr.load_sdxl_components(sdxl_folder)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +94,8 @@ def test_inversion_file_and_edit(xl, image, tmp_path):
     assert maps.shape == (1, 8, 8, 77)
 
 
-def test_fp16_only_folder_loads_its_weights(xl, xl_folder, tmp_path):
-    folder = shutil.copytree(xl_folder, str(tmp_path / "fp16"))
+def test_fp16_only_folder_loads_its_weights(xl, sdxl_folder, tmp_path):
+    folder = shutil.copytree(sdxl_folder, str(tmp_path / "fp16"))
     for sub in ("unet", "text_encoder_2"):
         full = [f for f in os.listdir(os.path.join(folder, sub)) if f.endswith(".safetensors") and ".fp16." not in f]
         for f in full:
@@ -113,14 +107,14 @@ def test_fp16_only_folder_loads_its_weights(xl, xl_folder, tmp_path):
     np.testing.assert_array_equal(np.asarray(k), np.asarray(b["text_projection"]["kernel"]).astype(np.float16).astype(np.float32))
 
 
-def test_refiner_and_incomplete_folders_are_one_line_errors(xl_folder, tmp_path):
-    refiner = shutil.copytree(xl_folder, str(tmp_path / "refiner"))
+def test_refiner_and_incomplete_folders_are_one_line_errors(sdxl_folder, tmp_path):
+    refiner = shutil.copytree(sdxl_folder, str(tmp_path / "refiner"))
     index = json.load(open(os.path.join(refiner, "model_index.json")))
     index.update(_class_name="StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True, text_encoder=[None, None])
     json.dump(index, open(os.path.join(refiner, "model_index.json"), "w"))
     with pytest.raises(ModelError, match="refiner"):
         nti_jax.load_pipeline(refiner)
-    partial = shutil.copytree(xl_folder, str(tmp_path / "partial"))
+    partial = shutil.copytree(sdxl_folder, str(tmp_path / "partial"))
     shutil.rmtree(os.path.join(partial, "tokenizer_2"))
     with pytest.raises(ModelError, match="without tokenizer_2/"):
         nti_jax.load_pipeline(partial)

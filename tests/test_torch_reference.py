@@ -21,15 +21,6 @@ D = 32  # cross-attention dim of the tiny UNet
 N_STEPS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_unet(seed=0):
     torch.manual_seed(seed)
     return UNet2DConditionModel(

@@ -18,18 +18,9 @@ from nti_jax import testing
 PROMPT = "a photo of a cat on a red sofa"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, _one_thread):
-    return testing.make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"), seed=0, fp16_variant=True)
+def folder(sdxl_folder):
+    return sdxl_folder
 
 
 @pytest.fixture(scope="module")
