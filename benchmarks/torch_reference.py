@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -322,26 +322,45 @@ def null_text_optimization(
         is the reconstruction z_0 of the optimisation trajectory).
     """
     device, _ = _module_device_dtype(unet)
+    cond = _emb3(_as_f32(cond_emb, device))
+    out = _null_loop(
+        schedule, [_as_f32(p, device) for p in pivots], [_emb3(_as_f32(uncond_emb, device))], [True],
+        lambda z, t: unet_eps(unet, z, t, cond),
+        lambda z, t, u: unet_eps(unet, z, t, u[0]),
+        lambda z, t, u: _cfg_batch2(unet, schedule, z, t, u[0], cond, guidance_scale),
+        guidance_scale=guidance_scale, num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, lr=lr,
+    )
+    out["null_embeddings"] = [u[0] for u in out.pop("nulls")]
+    return out
+
+
+def _null_loop(schedule: DDIMSchedule, pivots: list, uncond: list, trainable: list, eps_cond: Callable, eps_uncond: Callable,
+               advance: Callable, *, guidance_scale: float, num_inner_steps: int, early_stop_epsilon: float, lr: float) -> dict:
+    """The notebook's ``null_optimization`` loop over a list of unconditional tensors (SD: the
+    token embedding; SDXL: tokens and pooled), those marked `trainable` in one Adam per timestep:
+    a fresh Adam with lr ``lr * (1 - i / 100)``, the conditional prediction once per timestep (no
+    grad), one unconditional call per inner step, the Adam step, then the early stop test
+    ``loss < epsilon + i * 2e-5``; warm start from the previous timestep, and `advance` (the
+    notebook's batch of two [uncond, cond]) moves the latent. Returns ``nulls`` (T lists of the
+    (1, ...) tensors) and the other keys of :func:`null_text_optimization`."""
     T = schedule.num_steps
     if len(pivots) != T + 1:
         raise ValueError(f"expected {T + 1} pivots, got {len(pivots)}")
-    pivots = [_as_f32(p, device) for p in pivots]
-    cond = _emb3(_as_f32(cond_emb, device))
-    uncond = _emb3(_as_f32(uncond_emb, device))
     latent_cur = pivots[-1]
-    null_embeddings, inner_iterations, final_losses, loss_history, latents = [], [], [], [], []
+    nulls, inner_iterations, final_losses, loss_history, latents = [], [], [], [], []
     for i in range(T):
-        uncond = uncond.clone().detach()
-        uncond.requires_grad = True
-        optimizer = torch.optim.Adam([uncond], lr=lr * (1.0 - i / 100.0))
+        uncond = [u.clone().detach() for u in uncond]
+        for u, train in zip(uncond, trainable):
+            u.requires_grad = train
+        optimizer = torch.optim.Adam([u for u, train in zip(uncond, trainable) if train], lr=lr * (1.0 - i / 100.0))
         latent_prev = pivots[len(pivots) - i - 2]
         t = int(schedule.timesteps[i])
         with torch.no_grad():
-            noise_pred_cond = unet_eps(unet, latent_cur, t, cond)
+            noise_pred_cond = eps_cond(latent_cur, t)
         losses: list[float] = []
         n_iter = 0
         for j in range(num_inner_steps):
-            noise_pred_uncond = unet_eps(unet, latent_cur, t, uncond)
+            noise_pred_uncond = eps_uncond(latent_cur, t, uncond)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
             latents_prev_rec = schedule.prev_step(noise_pred, t, latent_cur)
             loss = nnf.mse_loss(latents_prev_rec, latent_prev)
@@ -353,17 +372,17 @@ def null_text_optimization(
             n_iter = j + 1
             if loss_item < early_stop_epsilon + i * 2e-5:
                 break
-        phi_t = uncond[:1].detach()
-        null_embeddings.append(phi_t)
+        phi_t = [u[:1].detach() for u in uncond]
+        nulls.append(phi_t)
         inner_iterations.append(n_iter)
         final_losses.append(losses[-1] if losses else math.nan)
         loss_history.append(losses)
         with torch.no_grad():
-            latent_cur = _cfg_batch2(unet, schedule, latent_cur, t, phi_t, cond, guidance_scale)
+            latent_cur = advance(latent_cur, t, phi_t)
         latents.append(latent_cur)
         uncond = phi_t
     return {
-        "null_embeddings": null_embeddings,
+        "nulls": nulls,
         "inner_iterations": inner_iterations,
         "final_losses": final_losses,
         "loss_history": loss_history,
@@ -786,60 +805,18 @@ def null_text_optimization_sdxl(
     fixed one when not optimised), ``inner_iterations``, ``final_losses``, ``loss_history`` and
     ``latents`` (z_bar after each timestep; the last is the reconstruction)."""
     device, _ = _module_device_dtype(unet)
-    T = schedule.num_steps
-    if len(pivots) != T + 1:
-        raise ValueError(f"expected {T + 1} pivots, got {len(pivots)}")
-    pivots = [_as_f32(p, device) for p in pivots]
     cond, c_pooled = _emb3(_as_f32(cond_tokens, device)), _as_f32(cond_pooled, device)
-    uncond, u_pooled = _emb3(_as_f32(uncond_tokens, device)), _as_f32(uncond_pooled, device)
-    latent_cur = pivots[-1]
-    null_embeddings, null_pooled, inner_iterations, final_losses, loss_history, latents = [], [], [], [], [], []
-    for i in range(T):
-        uncond = uncond.clone().detach()
-        uncond.requires_grad = True
-        u_pooled = u_pooled.clone().detach()
-        params = [uncond]
-        if optimize_pooled:
-            u_pooled.requires_grad = True
-            params.append(u_pooled)
-        optimizer = torch.optim.Adam(params, lr=lr * (1.0 - i / 100.0))
-        latent_prev = pivots[len(pivots) - i - 2]
-        t = int(schedule.timesteps[i])
-        with torch.no_grad():
-            noise_pred_cond = unet_eps_sdxl(unet, latent_cur, t, cond, c_pooled, time_ids)
-        losses: list[float] = []
-        n_iter = 0
-        for j in range(num_inner_steps):
-            noise_pred_uncond = unet_eps_sdxl(unet, latent_cur, t, uncond, u_pooled, time_ids)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
-            latents_prev_rec = schedule.prev_step(noise_pred, t, latent_cur)
-            loss = nnf.mse_loss(latents_prev_rec, latent_prev)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_item = loss.item()
-            losses.append(loss_item)
-            n_iter = j + 1
-            if loss_item < early_stop_epsilon + i * 2e-5:
-                break
-        phi_t, pooled_t = uncond[:1].detach(), u_pooled[:1].detach()
-        null_embeddings.append(phi_t)
-        null_pooled.append(pooled_t)
-        inner_iterations.append(n_iter)
-        final_losses.append(losses[-1] if losses else math.nan)
-        loss_history.append(losses)
-        with torch.no_grad():
-            latent_cur = _cfg_batch2_sdxl(unet, schedule, latent_cur, t, phi_t, pooled_t, cond, c_pooled, time_ids, guidance_scale)
-        latents.append(latent_cur)
-        uncond, u_pooled = phi_t, pooled_t
-    return {
-        "null_embeddings": null_embeddings,
-        "null_pooled": null_pooled,
-        "inner_iterations": inner_iterations,
-        "final_losses": final_losses,
-        "loss_history": loss_history,
-        "latents": latents,
-    }
+    out = _null_loop(
+        schedule, [_as_f32(p, device) for p in pivots], [_emb3(_as_f32(uncond_tokens, device)), _as_f32(uncond_pooled, device)],
+        [True, optimize_pooled],
+        lambda z, t: unet_eps_sdxl(unet, z, t, cond, c_pooled, time_ids),
+        lambda z, t, u: unet_eps_sdxl(unet, z, t, u[0], u[1], time_ids),
+        lambda z, t, u: _cfg_batch2_sdxl(unet, schedule, z, t, u[0], u[1], cond, c_pooled, time_ids, guidance_scale),
+        guidance_scale=guidance_scale, num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, lr=lr,
+    )
+    nulls = out.pop("nulls")
+    out["null_embeddings"], out["null_pooled"] = [u[0] for u in nulls], [u[1] for u in nulls]
+    return out
 
 
 @torch.no_grad()
