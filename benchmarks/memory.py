@@ -81,8 +81,15 @@ def tiny_config() -> dict:
                 text=dict(testing.TEXT_TINY, hidden_size=testing.UNET_MINI["cross_attention_dim"]))
 
 
+def tiny_xl_config() -> dict:
+    from nti_jax import testing
+
+    return dict(unet=testing.UNET_XL, vae=testing.VAE_TINY, prediction="epsilon", text=testing.TEXT_XL_1, text_2=testing.TEXT_XL_2)
+
+
 def config(kind: str) -> dict:
-    return tiny_config() if kind == "tiny" else CONFIGS[kind]
+    """A model's configs: CONFIGS' full-size ones, or "tiny" / "tiny-xl" (the CI tests)."""
+    return {"tiny": tiny_config, "tiny-xl": tiny_xl_config}.get(kind, lambda: CONFIGS[kind])()
 
 
 def abstract_pipeline(kind: str, dtype: str) -> pipeline.Pipeline:

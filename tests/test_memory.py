@@ -139,6 +139,19 @@ def test_memory_point_on_a_tiny_model():
     assert row["arguments_gib"] * memory.GIB >= params and row["temporaries_gib"] > 0
 
 
+def test_sdxl_programs_lower_with_the_pooled_conditioning():
+    """The memory plan's SDXL path on a tiny SDXL config: the inversion and edit programs lower
+    with TextCond inputs, and the gradient keeps residuals for the pooled embedding's path too."""
+    from benchmarks import memory
+
+    model = memory.abstract_model("tiny-xl", "float32")
+    assert model.time_ids is not None and memory.cond_shapes(model).pooled == (32,)
+    text = memory.lower_invert(model, 2, "none").as_text()
+    assert "2x32xf32" in text and "2x77x64xf32" in text  # pooled and token conditioning, batch 2
+    assert "2x32xf32" in memory.lower_edit(model, rows=2, steps=4).as_text()
+    assert memory.residuals("tiny-xl", "float32", ("none",))["none"]["per_image_gib"] > 0
+
+
 @pytest.mark.slow
 def test_device_bench_dry_run(tmp_path):
     """benchmarks/device_bench.sh on the tiny model: every dry-run point returns its figures, the
