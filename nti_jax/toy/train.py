@@ -416,8 +416,11 @@ def train_xl(args) -> None:
             _save(ckpt, {"stage": "sdxl", "step": s + 1, "vae": vae_p, "scaling": scaling, "params": params,
                          "ema": ema, "opt": serialization.to_state_dict(opt_state)})
         if args.export and ((s + 1) % args.export_every == 0 or last):
-            export(args.export, {"vae": vae_p, **ema}, scaling)
-            say(f"exported EMA weights at step {s + 1} to {args.export}")
+            export(args.export, {"vae": vae_p, **(params if args.export_raw else ema)}, scaling)
+            say(f"exported {'raw' if args.export_raw else 'EMA'} weights at step {s + 1} to {args.export}")
+    if args.export and step0 >= args.unet_steps:  # a finished run: export its checkpoint again
+        export(args.export, {"vae": vae_p, **(params if args.export_raw else ema)}, scaling)
+        say(f"exported {'raw' if args.export_raw else 'EMA'} weights of the finished run (step {step0}) to {args.export}")
 
 
 def finetune_decoder(args) -> None:
@@ -472,6 +475,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--export-every", type=int, default=2000)
     ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--export-raw", action="store_true", help="--sdxl: export the raw weights, not the EMA (a short run "
+                    "from a warm start: after n steps an EMA of decay d still holds d**n of the starting weights)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sdxl", action="store_true", help="stage 2 of the SDXL-shaped toy (config.UNET_XL, two text "
                     "encoders); with --init the SD toy, whose VAE stays frozen and whose UNet and text encoder are carried over")
