@@ -368,7 +368,10 @@ def load_tokenizer(folder: str):
 def save_pipeline(folder: str, configs: dict, params: dict, scheduler_config: dict, tokenizer_dir: str) -> str:
     """Write a diffusers-format folder (float32 safetensors) that `load_pipeline` and diffusers read.
 
-    `configs` holds the raw config dicts under "unet", "vae", "text_encoder".
+    `configs` holds the raw config dicts under "unet", "vae", "text_encoder", and for SDXL
+    "text_encoder_2" (a CLIPTextModelWithProjection): then the folder is sdxl-base's layout, its
+    model_index.json naming StableDiffusionXLPipeline with force_zeros_for_empty_prompt true and
+    tokenizer_2 the same tokenizer padding with "!" (id 0).
     """
     import shutil
 
@@ -376,7 +379,8 @@ def save_pipeline(folder: str, configs: dict, params: dict, scheduler_config: di
 
     from .convert import to_torch_layout
 
-    for k, base in WEIGHT_FILES.items():
+    xl = "text_encoder_2" in configs
+    for k, base in weight_files("sdxl" if xl else "sd").items():
         os.makedirs(os.path.join(folder, k), exist_ok=True)
         with open(os.path.join(folder, k, "config.json"), "w") as f:
             json.dump(configs[k], f, indent=2)
@@ -392,8 +396,27 @@ def save_pipeline(folder: str, configs: dict, params: dict, scheduler_config: di
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
     }
+    if xl:
+        dst = os.path.join(folder, "tokenizer_2")
+        shutil.copytree(tokenizer_dir, dst, dirs_exist_ok=True)
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            path = os.path.join(dst, name)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    cfg = json.load(f)
+                cfg["pad_token"] = "!"
+                with open(path, "w") as f:
+                    json.dump(cfg, f, indent=2)
+        index.update({
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+        })
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
     return folder

@@ -67,3 +67,56 @@ SCHEDULER = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
+
+# ---- The SDXL-shaped toy (issue 20): SDXL's conditioning on the toy's networks --------------
+# The UNet keeps UNET's block layout exactly (so the SD toy warm-starts it, see train.py --sdxl)
+# and takes what differs in SDXL: linear proj_in/proj_out, cross-attention over both encoders'
+# penultimate states side by side (TEXT_ENCODER's 64 + TEXT_ENCODER_XL_2's 32), and the
+# "text_time" added conditioning (the pooled 32 + 6 time ids x 8 sinusoids).
+UNET_XL = dict(
+    UNET,
+    use_linear_projection=True,
+    cross_attention_dim=64 + 32,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+)
+
+# text_encoder is TEXT_ENCODER (CLIP ViT-L's kind, read without its projection); text_encoder_2
+# is OpenCLIP bigG's kind in miniature: gelu, a text projection giving the pooled embedding,
+# pad_token_id 0 (tokenizer_2 pads with "!", id 0, as sdxl-base's).
+TEXT_ENCODER_XL_2 = {
+    "architectures": ["CLIPTextModelWithProjection"],
+    "model_type": "clip_text_model",
+    "vocab_size": 49408,
+    "hidden_size": 32,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 32,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 0,
+}
+
+# sdxl-base's Euler scheduler config (the keys of nti_jax.testing.SDXL_SCHEDULER) on the toy's betas.
+SCHEDULER_XL = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": SCHEDULER["beta_end"],
+    "beta_schedule": SCHEDULER["beta_schedule"],
+    "beta_start": SCHEDULER["beta_start"],
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": SCHEDULER["num_train_timesteps"],
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from .. import conditioning as cnd
 from .. import pipeline as pl
 from ..models import AutoencoderKL
 from ..schedule import train_alphas_cumprod
@@ -114,12 +115,29 @@ def make_decoder_step(vae: AutoencoderKL, opt, factor: int):
     return _jit_step(loss_fn, opt)
 
 
-def make_unet_step(unet, vae, text, opt, scaling: float, ema_decay: float, offset_noise: float = 0.0):
-    """One AdamW step of the UNet and text encoder on the epsilon loss. `offset_noise` adds a
+def make_unet_step(unet, vae, text, opt, scaling: float, ema_decay: float, offset_noise: float = 0.0, text_2=None):
+    """One AdamW step of the UNet and text encoder(s) on the epsilon loss. `offset_noise` adds a
     per-image, per-channel constant to the noise (Guttenberg 2023): without it a 16x16 model reads
     the background colour from the mean of x_t instead of the caption, and samples from pure noise
-    get random backgrounds."""
+    get random backgrounds.
+
+    With `text_2` (SDXL) the step takes token ids `(ids, ids_2, dropped)`: the conditioning is the
+    pipeline's own (`pipeline._encode_prompt_xl`, `sampling.Denoiser` with the toy's constant time
+    ids), and the rows where `dropped` (B,) holds get zero conditioning, tokens and pooled, as
+    force_zeros_for_empty_prompt makes the unconditional one."""
     ac = jnp.asarray(train_alphas_cumprod(toy.SCHEDULER))
+    size = float(toy.IMAGE_SIZE)
+    time_ids = jnp.asarray([size, size, 0.0, 0.0, size, size], jnp.float32)  # as Pipeline.time_ids
+
+    def predict(p, zt, t, ids):
+        if text_2 is None:
+            return unet.apply({"params": p["unet"]}, zt, t, text.apply({"params": p["text_encoder"]}, ids))
+        from ..sampling import Denoiser
+
+        ids, ids_2, dropped = ids
+        cond = pl._encode_prompt_xl(text, text_2, p["text_encoder"], p["text_encoder_2"], ids, ids_2)
+        cond = cnd.where_rows(dropped, jax.tree_util.tree_map(jnp.zeros_like, cond), cond)
+        return Denoiser(p["unet"], unet, "epsilon", time_ids)(zt, t, cond)
 
     def loss_fn(p, vae_p, images, ids, key):
         k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -131,8 +149,7 @@ def make_unet_step(unet, vae, text, opt, scaling: float, ema_decay: float, offse
         noise = noise + offset_noise * jax.random.normal(k4, (z.shape[0], 1, 1, z.shape[-1]))
         a = ac[t][:, None, None, None]
         zt = jnp.sqrt(a) * z + jnp.sqrt(1 - a) * noise
-        ctx = text.apply({"params": p["text_encoder"]}, ids)
-        pred = unet.apply({"params": p["unet"]}, zt, t, ctx)
+        pred = predict(p, zt, t, ids)
         return jnp.mean((pred - noise) ** 2)
 
     @jax.jit
@@ -148,10 +165,8 @@ def make_unet_step(unet, vae, text, opt, scaling: float, ema_decay: float, offse
 class Captions:
     """Token ids of captions, cached (the world has 216 of them, plus "")."""
 
-    def __init__(self):
-        from ..pipeline import load_tokenizer
-
-        self.tok = load_tokenizer(TOKENIZER_DIR)
+    def __init__(self, tokenizer=None):
+        self.tok = tokenizer or pl.load_tokenizer(TOKENIZER_DIR)
         self.cache: dict[str, list[int]] = {}
 
     def __call__(self, captions) -> np.ndarray:
@@ -183,15 +198,21 @@ def latent_scaling(vae, vae_p, n: int = 512) -> float:
 
 
 def export(folder: str, params: dict, scaling: float) -> None:
-    """Write the diffusers folder: each component to a temp folder, then renamed into place."""
+    """Write the diffusers folder: each component to a temp folder, then renamed into place. With a
+    "text_encoder_2" in `params`, the SDXL-shaped toy in sdxl-base's layout."""
     import shutil
 
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    configs = {"unet": toy.UNET, "vae": dict(toy.VAE, scaling_factor=scaling), "text_encoder": toy.TEXT_ENCODER}
-    pl.save_pipeline(tmp, configs, params, toy.SCHEDULER, TOKENIZER_DIR)
+    xl = "text_encoder_2" in params
+    configs = {"unet": toy.UNET_XL if xl else toy.UNET, "vae": dict(toy.VAE, scaling_factor=scaling),
+               "text_encoder": toy.TEXT_ENCODER}
+    if xl:
+        configs["text_encoder_2"] = toy.TEXT_ENCODER_XL_2
+    pl.save_pipeline(tmp, configs, params, toy.SCHEDULER_XL if xl else toy.SCHEDULER, TOKENIZER_DIR)
     os.makedirs(folder, exist_ok=True)
-    for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if xl else ())
+    for k in parts + ("model_index.json",):
         dst = os.path.join(folder, k)
         if os.path.isdir(dst):
             shutil.rmtree(dst)
@@ -277,8 +298,8 @@ def train(args) -> None:
         caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < args.dropout)]
         params, ema, opt_state, loss = ustep(params, ema, opt_state, vae_p, imgs, captions(caps), jax.random.PRNGKey(10**7 + s))
         losses.append(loss)
-        if (s + 1) % 100 == 0:
-            say(f"unet step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {100 / (time.time() - t0):.2f} steps/s")
+        if (s + 1) % args.log_every == 0:
+            say(f"unet step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {args.log_every / (time.time() - t0):.2f} steps/s")
             t0, losses = time.time(), []
         last = s + 1 == args.unet_steps
         if (s + 1) % args.ckpt_every == 0 or last:
@@ -287,6 +308,119 @@ def train(args) -> None:
         if args.export and ((s + 1) % args.export_every == 0 or last):
             export(args.export, {"vae": vae_p, **ema}, scaling)
             say(f"exported EMA weights at step {s + 1} to {args.export}")
+
+
+# ---- the SDXL-shaped toy (issue 20)
+
+
+def _modules_xl():
+    """The SDXL-shaped toy's networks: UNET_XL, the toy VAE, and SDXL's two text encoders."""
+    unet, vae, _ = pl.build_modules(toy.UNET_XL, toy.VAE, toy.TEXT_ENCODER)
+    text, text_2 = pl.build_text_encoders_xl(toy.TEXT_ENCODER, toy.TEXT_ENCODER_XL_2)
+    return unet, vae, text, text_2
+
+
+def transplant_unet(old: dict, new: dict) -> tuple[dict, dict]:
+    """The SD toy's UNet params `old` carried into the SDXL-shaped UNet's fresh params `new` (same
+    block layout): every param of the same path and shape copied; proj_in/proj_out 1x1 conv kernels
+    reshaped into linear kernels; cross-attention to_k/to_v kernels (64 input rows) copied into the
+    first rows, zeros in the rows of text_encoder_2's features (so the new features start with no
+    effect); add_embedding.linear_2 zeros (so the pooled embedding and time ids start with no
+    effect); anything else stays fresh. Returns (params, {how: count})."""
+    from flax import traverse_util
+
+    flat_old, flat_new = traverse_util.flatten_dict(old), traverse_util.flatten_dict(new)
+    out, counts = {}, {}
+    for key, fresh in flat_new.items():
+        prev = flat_old.get(key)
+        names = [str(k) for k in key]
+        if any("add_embedding.linear_2" in n for n in names):
+            how, val = "zeroed add_embedding.linear_2", jnp.zeros_like(fresh)
+        elif prev is not None and prev.shape == fresh.shape:
+            how, val = "copied", prev
+        elif prev is not None and names[-2] in ("proj_in", "proj_out") and prev.size == fresh.size:
+            how, val = "conv 1x1 -> linear", prev.reshape(fresh.shape)
+        elif (prev is not None and names[-2] in ("to_k", "to_v") and prev.ndim == 2
+              and prev.shape[1] == fresh.shape[1] and prev.shape[0] < fresh.shape[0]):
+            how, val = "to_k/to_v rows padded with zeros", jnp.zeros_like(fresh).at[: prev.shape[0]].set(prev)
+        else:
+            how, val = "fresh", fresh
+        counts[how] = counts.get(how, 0) + 1
+        out[key] = jnp.asarray(val, fresh.dtype)
+    unused = [k for k in flat_old if k not in flat_new]
+    if unused:
+        counts["SD params without a place"] = len(unused)
+    return traverse_util.unflatten_dict(out), counts
+
+
+def _warm_start_xl(folder: str, fresh: dict, say) -> dict:
+    """An SDXL stage-2 state from an exported folder: an SDXL-shaped toy goes on as it is; the SD
+    toy gives its frozen VAE (so the same latents and scaling_factor), its text encoder, and its UNet
+    through `transplant_unet`; text_encoder_2 starts random (`fresh`)."""
+    pipe = pl.load_pipeline(folder)
+    if pipe.is_sdxl:
+        params = {k: pipe.params[k] for k in ("unet", "text_encoder", "text_encoder_2")}
+    else:
+        shapes_of = lambda t: jax.tree_util.tree_map(jnp.shape, t)
+        if shapes_of(pipe.params["text_encoder"]) != shapes_of(fresh["text_encoder"]):
+            raise SystemExit(f"{folder}: its text encoder is not the toy's TEXT_ENCODER")
+        unet_p, counts = transplant_unet(pipe.params["unet"], fresh["unet"])
+        say("UNet warm start: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+        params = {"unet": unet_p, "text_encoder": pipe.params["text_encoder"], "text_encoder_2": fresh["text_encoder_2"]}
+    return {"stage": "sdxl", "step": 0, "vae": pipe.params["vae"], "scaling": pipe.scaling_factor, "params": params,
+            "ema": params, "opt": None}
+
+
+def train_xl(args) -> None:
+    """Stage 2 for the SDXL-shaped toy: UNet and both text encoders jointly (the same loss,
+    schedule, EMA and offset noise as stage 2), from --init or the checkpoint in --workdir."""
+    say = _logger(args.workdir)
+    unet, vae, text, text_2 = _modules_xl()
+    ckpt = os.path.join(args.workdir, "state.msgpack")
+    if os.path.exists(ckpt):
+        state = _load(ckpt)
+        if state["stage"] != "sdxl":
+            raise SystemExit(f"{ckpt} is not an --sdxl checkpoint (stage {state['stage']!r}); use another --workdir")
+    elif args.init:
+        fresh = pl.init_params(unet, vae, text, jax.random.PRNGKey(args.seed), text_2)
+        state = _warm_start_xl(args.init, fresh, say)
+        say(f"warm start from {args.init} (scaling_factor {state['scaling']:.4f})")
+    else:
+        raise SystemExit("--sdxl needs --init FOLDER (the SD toy, e.g. nti_jax/toy/model) or a checkpoint in --workdir")
+    vae_p, scaling = state["vae"], float(state["scaling"])
+    params, ema = state["params"], state["ema"]
+    sched = _lr_schedule(args.lr, 200, args.unet_steps, 0.1)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-2, mask=_wd_mask))
+    opt_state = opt.init(params)
+    if state["opt"] is not None:
+        opt_state = serialization.from_state_dict(opt_state, state["opt"])
+    ustep = make_unet_step(unet, vae, text, opt, scaling, args.ema, args.offset_noise, text_2=text_2)
+    captions = Captions()
+    captions_2 = Captions(pl.clip_tokenizer_class().from_pretrained(TOKENIZER_DIR, pad_token="!"))  # sdxl-base's tokenizer_2
+    t0, losses = time.time(), []
+    step0 = int(state["step"])
+    rng = np.random.default_rng(args.seed + step0)
+    for s in range(step0, args.unet_steps):
+        seeds = range(s * args.batch, (s + 1) * args.batch)
+        imgs, _, caps = render_batch(seeds, toy.IMAGE_SIZE)
+        dropped = rng.random(len(caps)) < args.dropout
+        caps = ["" if d else c for c, d in zip(caps, dropped)]
+        ids = (captions(caps), captions_2(caps), dropped)
+        params, ema, opt_state, loss = ustep(params, ema, opt_state, vae_p, imgs, ids, jax.random.PRNGKey(10**7 + s))
+        losses.append(loss)
+        if (s + 1) % args.log_every == 0:
+            say(f"sdxl unet step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {args.log_every / (time.time() - t0):.2f} steps/s")
+            t0, losses = time.time(), []
+        last = s + 1 == args.unet_steps
+        if (s + 1) % args.ckpt_every == 0 or last:
+            _save(ckpt, {"stage": "sdxl", "step": s + 1, "vae": vae_p, "scaling": scaling, "params": params,
+                         "ema": ema, "opt": serialization.to_state_dict(opt_state)})
+        if args.export and ((s + 1) % args.export_every == 0 or last):
+            export(args.export, {"vae": vae_p, **(params if args.export_raw else ema)}, scaling)
+            say(f"exported {'raw' if args.export_raw else 'EMA'} weights at step {s + 1} to {args.export}")
+    if args.export and step0 >= args.unet_steps:  # a finished run: export its checkpoint again
+        export(args.export, {"vae": vae_p, **(params if args.export_raw else ema)}, scaling)
+        say(f"exported {'raw' if args.export_raw else 'EMA'} weights of the finished run (step {step0}) to {args.export}")
 
 
 def finetune_decoder(args) -> None:
@@ -340,11 +474,18 @@ def main(argv=None) -> None:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--export-every", type=int, default=2000)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--export-raw", action="store_true", help="--sdxl: export the raw weights, not the EMA (a short run "
+                    "from a warm start: after n steps an EMA of decay d still holds d**n of the starting weights)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sdxl", action="store_true", help="stage 2 of the SDXL-shaped toy (config.UNET_XL, two text "
+                    "encoders); with --init the SD toy, whose VAE stays frozen and whose UNet and text encoder are carried over")
     args = ap.parse_args(argv)
     if args.decoder_steps and not (args.init and args.export):
         ap.error("--decoder-steps needs --init FOLDER and --export FOLDER")
-    (finetune_decoder if args.decoder_steps else train)(args)
+    if args.sdxl and args.decoder_steps:
+        ap.error("--sdxl trains the UNet and text encoders only, not --decoder-steps")
+    (finetune_decoder if args.decoder_steps else train_xl if args.sdxl else train)(args)
 
 
 if __name__ == "__main__":
