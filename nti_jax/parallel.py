@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from . import conditioning as cnd
 from . import planning
 from .inversion import (
-    BATCHED_FIELDS, Inversion, InvertInputs, InvertOutputs, abstract_inputs, assemble, check_remat, cond_shapes, invert_core, plan_program, prepare_inputs,
+    BATCHED_FIELDS, Inversion, InvertInputs, abstract_inputs, assemble, check_remat, cond_shapes, invert_core, plan_program, prepare_inputs,
 )
 from .planning import pad_rows
 from .pipeline import Pipeline

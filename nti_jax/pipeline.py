@@ -23,7 +23,7 @@ import numpy as np
 from . import conditioning as cnd
 from .conditioning import Cond, TextCond
 from .convert import from_torch_layout, load_state
-from .model_config import CONFIG_ADVICE, WEIGHT_FILES, check_folder, model_family, read_configs, weight_files
+from .model_config import CONFIG_ADVICE, check_folder, model_family, read_configs, weight_files
 from .errors import ModelError, PromptError, PromptTruncatedWarning
 from .models import (
     AutoencoderKL,

@@ -2,7 +2,6 @@
 
 import os
 
-import jax
 import pytest
 import torch
 
