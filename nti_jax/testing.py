@@ -214,22 +214,8 @@ def unchecked(settings, **fields):
 # DDIM/PNDM keys Euler itself does not take (clip_sample, set_alpha_to_one, skip_prk_steps,
 # sample_max_value); diffusers keeps them in the scheduler's config, so
 # DDIMScheduler.from_config(pipe.scheduler.config) sees set_alpha_to_one=False, clip_sample=False.
-SDXL_SCHEDULER = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
+# The toy's SDXL config holds these same values (SD's betas are sdxl-base's), so it is the one copy.
+SDXL_SCHEDULER = {k: v for k, v in toy_config.SCHEDULER_XL.items() if k != "_class_name"}
 # SDXL's VAE settings: scaling factor 0.13025, and the pipeline upcasts it to float32.
 VAE_XL = dict(VAE_TINY, scaling_factor=0.13025, force_upcast=True)
 # text_encoder: CLIP ViT-L's kind (quick_gelu, no projection); text_encoder_2: OpenCLIP bigG's kind

@@ -102,7 +102,8 @@ TEXT_ENCODER_XL_2 = {
     "pad_token_id": 0,
 }
 
-# sdxl-base's Euler scheduler config (the keys of nti_jax.testing.SDXL_SCHEDULER) on the toy's betas.
+# sdxl-base's Euler scheduler config as the hub ships it (its betas are SD's, the toy's too);
+# nti_jax.testing.SDXL_SCHEDULER is this without the class name.
 SCHEDULER_XL = {
     "_class_name": "EulerDiscreteScheduler",
     "beta_end": SCHEDULER["beta_end"],
