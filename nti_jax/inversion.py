@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -379,7 +378,10 @@ def prepare_inputs(pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequen
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise PromptError(f"the source prompt must be a non-empty caption of the image, got {p!r}")
-    cond, null = cnd.as_float32(pipe.encode_with_null(prompts))
+    # Null-text starts from the "" prompt's embedding, as the notebook does, also where the model's
+    # unconditional embedding is zeros (SDXL): from zeros the optimisation reaches 4.3 dB less on
+    # the SDXL toy (README, "SDXL: what the authors' code leaves open").
+    cond, null = cnd.as_float32(pipe.encode_with_null(prompts, zeros=False if settings.method == "null-text" else None))
     null = cnd.broadcast(null, (len(prompts),), drop=1)
     z0 = pipe.encode_image(np.stack(images)).astype(jnp.float32)
     return InvertInputs(

@@ -61,7 +61,8 @@ def _encode_image(vae: AutoencoderKL, scaling: float, params, images):
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _decode_latents(vae: AutoencoderKL, scaling: float, params, latents):
+def decode_with(vae: AutoencoderKL, scaling: float, params, latents):
+    """`Pipeline.decode_latents` with the VAE given (programs that decode inside, `parallel`)."""
     x = vae.apply({"params": params}, latents.astype(jnp.float32) / scaling, method=AutoencoderKL.decode)
     return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
 
@@ -159,13 +160,14 @@ class Pipeline:
                                      self.tokenize(prompts), self.tokenize(prompts, self.tokenizer_2))
         return _encode_prompt(self.text_encoder, self.params["text_encoder"], self.tokenize(prompts))
 
-    def encode_with_null(self, prompts: Sequence[str]) -> tuple[Cond, Cond]:
+    def encode_with_null(self, prompts: Sequence[str], zeros: Optional[bool] = None) -> tuple[Cond, Cond]:
         """(the prompts' conditioning (B, ...), the unconditional one (1, ...)): the "" prompt's,
         encoded in the same call, or zeros where the model sets force_zeros_for_empty_prompt
-        (SDXL base), as diffusers' pipelines make it when no negative prompt is given."""
+        (SDXL base), as diffusers' pipelines make it when no negative prompt is given. `zeros`
+        overrides the model's setting (null-text starts from the "" prompt's, `inversion`)."""
         emb = self.encode_prompt(list(prompts) + [""])
         cond, null = cnd.take(emb, slice(0, -1)), cnd.take(emb, slice(-1, None))
-        if self.force_zeros_for_empty_prompt:
+        if self.force_zeros_for_empty_prompt if zeros is None else zeros:
             null = jax.tree_util.tree_map(jnp.zeros_like, null)
         return cond, null
 
@@ -178,7 +180,7 @@ class Pipeline:
 
     def decode_latents(self, latents) -> jax.Array:
         """Latents (B, h, w, C) -> float images in [0, 1], (B, H, W, 3)."""
-        return _decode_latents(self.vae, self.scaling_factor, self.params["vae"], jnp.asarray(latents))
+        return decode_with(self.vae, self.scaling_factor, self.params["vae"], jnp.asarray(latents))
 
 
 def resolve_model(model: str) -> str:

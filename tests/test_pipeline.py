@@ -63,7 +63,7 @@ def test_second_call_does_not_recompile(pipe):
     rng = np.random.default_rng(1)
     calls = [
         (pl._encode_image, lambda: pipe.encode_image(rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8))),
-        (pl._decode_latents, lambda: pipe.decode_latents(rng.standard_normal((1, 16, 16, 4)))),
+        (pl.decode_with, lambda: pipe.decode_latents(rng.standard_normal((1, 16, 16, 4)))),
         (pl._encode_prompt, lambda: pipe.encode_prompt(["a blue square"])),
     ]
     for fn, call in calls:
