@@ -1,5 +1,6 @@
-"""The batch driver: images in batches through `ShardedInverter.invert`, reconstruction and edits on
-every device; each image claimed, its files written and its row kept through `ledger.Ledger`.
+"""The batch driver: images in batches through `ShardedInverter`: inversion, reconstruction and
+edits on the devices that hold each call's images, its arrays brought to the host once; each image
+claimed, its files written and its row kept through `ledger.Ledger`.
 
 Reruns skip finished images whose files match their record; an image that failed, or whose files
 are damaged, is redone; an image whose inversion was saved intact but whose edits failed or were
@@ -17,18 +18,17 @@ import sys
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from . import heatmaps, p2p
-from .errors import PromptError, PromptTruncatedWarning, one_line
+from .errors import NtiError, PromptError, PromptTruncatedWarning, one_line
 from .inversion import Inversion
 from .io import load_image
 from .ledger import Ledger, State
 from .manifest import Item
-from .parallel import FileBarrier, ShardedInverter, host_share, per_device_batch
+from .parallel import Batch, FileBarrier, ShardedInverter, host_share, per_device_batch
 from .pipeline import Pipeline
 from .records import damage
 from .run_config import RunConfig
@@ -137,49 +137,46 @@ class Driver:
         settings = {k: v for k, v in edit.items() if k != "prompt"}
         return p2p.controller_from_settings(it.prompt, [edit["prompt"]], settings)
 
-    def run_edits(self, pipe: Pipeline, inv: Inversion, job: Work) -> list:
-        """The image's edited images, one `edit` program per edit; their cross-attention maps become
-        its heat maps (`job.heatmaps`: attention.png, and one per edit with --attention)."""
-        out, maps = [], []
-        for e, c in zip(job.item.edits, job.controllers):
-            latents, m = p2p.edit_latents(pipe, inv, [e["prompt"]], controller=c)
-            out.append(np.asarray(pipe.decode_latents(latents)))
-            maps.append(np.asarray(m))
-        first = maps[0][:1] if maps else p2p.attention_maps(pipe, inv)
-        job.heatmaps = {"attention.png": heatmaps.attention_sheet(pipe, inv.prompts[:1], job.pixels[None], first)}
-        if self.cfg.attention:
-            for k, (e, images, m) in enumerate(zip(job.item.edits, out, maps)):
-                sheet = heatmaps.attention_sheet(pipe, [inv.prompts[0], e["prompt"]], images, m)
-                job.heatmaps["attention-" + edit_file(k, e)] = sheet
-        return out
-
-    def edit_one(self, job: Work, inv: Inversion) -> tuple[Optional[list], Optional[str], float]:
-        """(edited images or None, error or None, seconds) for one inverted image."""
-        bad = np.asarray(inv.nonfinite[0])
-        if bad.any():
-            first = int(np.argmax(bad))
-            return None, f"non-finite loss or latents at {int(bad.sum())} of {bad.size} steps (first: step {first})", 0.0
-        t = time.time()
-        try:
-            edits = [np.asarray(x) for x in self.run_edits(self.inverter.replica(self.pipe, inv), inv, job)]
-            return edits, None, time.time() - t
-        except Exception as e:  # noqa: BLE001 - recorded per image
-            return None, one_line(e), time.time() - t
-
-    def edit_batch(self, batch: list[Work], invs: list[Inversion]) -> list[tuple]:
-        """`edit_one` for every image; with several devices, one thread per device."""
-        jobs = list(zip(batch, invs))
-        if self.inverter.num_devices == 1 or not any(job.item.edits for job in batch):
-            return [self.edit_one(job, inv) for job, inv in jobs]
-        devices = [inv.x_T.devices().pop() for inv in invs]
-
-        def device_jobs(device):
-            return [(k, self.edit_one(job, inv)) for k, (job, inv) in enumerate(jobs) if devices[k] == device]
-
-        with ThreadPoolExecutor(max_workers=self.inverter.num_devices, thread_name_prefix="nti-edit") as pool:
-            futures = [pool.submit(device_jobs, d) for d in dict.fromkeys(devices)]
-            done = dict(kv for f in futures for kv in f.result())
-        return [done[k] for k in range(len(jobs))]
+    def edit_images(self, on: Inversion, jobs: list[Work], invs: list[Inversion]) -> list[tuple[Optional[list], Optional[str]]]:
+        """(edited images (1 + n, H, W, 3) per edit, or None; error or None) per image: row k of
+        `on` (where the images' inversions live) is `invs[k]` (its host copy). Every edit of the
+        images runs through `ShardedInverter.edit` (edits of one shape in one program); their
+        cross-attention maps become the image's heat maps (`Work.heatmaps`: attention.png, and one
+        per edit with --attention)."""
+        out: list = [[None, None] for _ in jobs]
+        requests, owner = [], []
+        for k, (job, inv) in enumerate(zip(jobs, invs)):
+            bad = np.asarray(inv.nonfinite[0])
+            if bad.any():
+                first = int(np.argmax(bad))
+                out[k][1] = f"non-finite loss or latents at {int(bad.sum())} of {bad.size} steps (first: step {first})"
+                continue
+            try:
+                specs = [p2p.edit_spec(self.pipe, inv, [e["prompt"]], controller=c) for e, c in zip(job.item.edits, job.controllers)]
+                specs = specs or [p2p.edit_spec(self.pipe, inv, [], edit=False)]  # the source's maps only
+            except Exception as e:  # noqa: BLE001 - recorded per image
+                out[k][1] = one_line(e)
+                continue
+            requests += [(k, s) for s in specs]
+            owner += [k] * len(specs)
+        results = self.inverter.edit(self.pipe, on, requests) if requests else []
+        done: dict = {}
+        for k, r in zip(owner, results):
+            done.setdefault(k, []).append(r)
+        for k, rs in done.items():
+            failed = [r for r in rs if isinstance(r, BaseException)]
+            if failed:
+                out[k][1] = one_line(failed[0])
+                continue
+            job, inv = jobs[k], invs[k]
+            edits = [images for images, _ in rs] if job.item.edits else []
+            first = rs[0][1][:1]
+            job.heatmaps = {"attention.png": heatmaps.attention_sheet(self.pipe, inv.prompts[:1], job.pixels[None], first)}
+            if self.cfg.attention:
+                for q, (e, (images, m)) in enumerate(zip(job.item.edits, rs)):
+                    job.heatmaps["attention-" + edit_file(q, e)] = heatmaps.attention_sheet(self.pipe, [inv.prompts[0], e["prompt"]], images, m)
+            out[k][0] = edits
+        return [tuple(o) for o in out]
 
     def redo_edits(self, it: Item, st: State) -> None:
         """The inversion is on disk, intact, from an earlier run; the rest is (re)made."""
@@ -198,9 +195,12 @@ class Driver:
             job.pixels = load_image(os.path.join(w.folder, INPUT), self.pipe.image_size)
             recon = files.get(RECONSTRUCTION)
             if recon is not None and damage(w.folder, {RECONSTRUCTION: recon}, self.log.verify):
-                ((image, _, _),) = self.inverter.reconstruct(self.pipe, [inv])
-                w.png(RECONSTRUCTION, np.asarray(image))
-            metrics["edits"] = w.edits(it.edits, self.run_edits(self.pipe, inv, job))
+                image, _, _ = self.inverter.reconstruct(self.pipe, inv)
+                w.png(RECONSTRUCTION, np.asarray(image[0]))
+            ((edits, edit_error),) = self.edit_images(inv, [job], [inv])
+            if edit_error is not None:
+                raise NtiError(edit_error)
+            metrics["edits"] = w.edits(it.edits, edits)
             w.heatmaps(job.heatmaps)
         except KeyboardInterrupt:
             raise
@@ -266,6 +266,8 @@ class Driver:
     # -- a batch --------------------------------------------------------------------------------
 
     def run_batch(self, batch: list[Work]) -> None:
+        """Invert and reconstruct the batch on the devices; then, per call of the program, its
+        edits there, its arrays to the host once, and every image's files and row."""
         import jax
 
         t0 = time.time()
@@ -273,10 +275,9 @@ class Driver:
         try:
             with warnings.catch_warnings():  # long prompts: recorded per image by `prepare`
                 warnings.simplefilter("ignore", PromptTruncatedWarning)
-                invs = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress, remat=self.cfg.remat,
-                                             max_device_memory=self.cfg.max_device_memory)
-            recon = self.inverter.reconstruct(self.pipe, invs)
-            jax.block_until_ready(recon)
+                calls = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress, remat=self.cfg.remat,
+                                              max_device_memory=self.cfg.max_device_memory)
+            recons = jax.block_until_ready([self.inverter.reconstruct(self.pipe, call.inv) for call in calls])
         except KeyboardInterrupt:
             raise
         except Exception as e:  # the whole batch failed (e.g. out of memory): record, go on
@@ -288,13 +289,24 @@ class Driver:
                 self.step_progress.bar = None
                 step_bar.close()
         t_inv = time.time() - t0
-        for it, inv, (edits, error, edit_seconds), rec in zip(batch, invs, self.edit_batch(batch, invs), recon):
-            t1 = time.time() - edit_seconds
-            metrics = image_metrics(it.item, inv, self.cfg, t_inv / len(batch), it.warnings)
-            if not add_reconstruction(metrics, it.pixels, inv, *rec) and error is None:
-                error = "the reconstruction is not finite"
-            self.finish(it, inv, np.asarray(rec[0]) if metrics["psnr"] is not None else None, edits, error, metrics, t1)
+        start = 0
+        for call, recon in zip(calls, recons):
+            jobs, start = batch[start : start + call.n], start + call.n
+            self.finish_call(jobs, call, recon, t_inv / len(batch))
         self._batch_line(len(batch), t_inv)
+
+    def finish_call(self, jobs: list[Work], call: Batch, recon: tuple, inv_seconds: float) -> None:
+        """The edits of one call's images, then their files and rows."""
+        t1 = time.time()
+        invs = call.host()
+        images, latents, vae = (np.asarray(a)[: call.n] for a in recon)
+        results = self.edit_images(call.inv, jobs, invs)
+        edit_seconds = (time.time() - t1) / len(jobs)
+        for k, (it, inv, (edits, error)) in enumerate(zip(jobs, invs, results)):
+            metrics = image_metrics(it.item, inv, self.cfg, inv_seconds, it.warnings)
+            if not add_reconstruction(metrics, it.pixels, inv, images[k], latents[k], vae[k]) and error is None:
+                error = "the reconstruction is not finite"
+            self.finish(it, inv, images[k] if metrics["psnr"] is not None else None, edits, error, metrics, time.time() - edit_seconds)
 
     def _step_bar(self):
         if self.step_progress is None:

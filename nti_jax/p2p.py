@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -209,17 +208,17 @@ def compile_controller(
         prox=prox.norm if prox is not None else "",
         dilate=prox.dilate if prox is not None else 0,
     )
-    arrays = _Arrays(
-        cross_alpha=jnp.asarray(_cross_alpha(controller.cross_replace_steps, targets, tok, num_steps, L)),
-        self_steps=jnp.asarray(self_steps),
-        mapper=jnp.asarray(mapper),
-        refine_alphas=jnp.asarray(refine_alphas),
-        equalizer=jnp.asarray(eq),
-        blend_alpha=jnp.asarray(blend_alpha),
-        blend_threshold=jnp.float32(blend.threshold if blend is not None else 0.0),
-        sub_alpha=jnp.asarray(sub_alpha),
-        sub_threshold=jnp.float32(blend.substruct_threshold if blend is not None else 0.0),
-        prox=jnp.asarray([prox.quantile, prox.recon_lr, prox.recon_t] if prox is not None else [0.0, 0.0, 0.0], jnp.float32),
+    arrays = _Arrays(  # host arrays: a batch of edits stacks them before they go to the devices
+        cross_alpha=_cross_alpha(controller.cross_replace_steps, targets, tok, num_steps, L),
+        self_steps=self_steps,
+        mapper=np.asarray(mapper, np.float32 if kind == "replace" else np.int32),
+        refine_alphas=np.asarray(refine_alphas, np.float32),
+        equalizer=np.asarray(eq, np.float32),
+        blend_alpha=blend_alpha,
+        blend_threshold=np.float32(blend.threshold if blend is not None else 0.0),
+        sub_alpha=sub_alpha,
+        sub_threshold=np.float32(blend.substruct_threshold if blend is not None else 0.0),
+        prox=np.asarray([prox.quantile, prox.recon_lr, prox.recon_t] if prox is not None else [0.0, 0.0, 0.0], np.float32),
     )
     return static, arrays
 
@@ -287,74 +286,149 @@ def _proximal_step(static: _Static, arr: _Arrays, eps_u, eps_c, t, guidance, uni
 
 
 class EditInputs(NamedTuple):
-    """What the edit program samples from: one inversion and the prompts' embeddings."""
+    """What the edit program samples from: G images' inversions and their prompts' embeddings
+    (one image, G = 1, for `edit`; a batch's edits of the same shape for `parallel`)."""
 
-    sched: Schedule
-    x_T: jax.Array  # (1, h, w, C)
-    cond: Cond  # (R, L, D) or SDXL's TextCond: the source prompt, then the targets
-    phi: Cond  # (T, L, D) the inversion's unconditional embedding per step
-    pivots: jax.Array  # (T+1, h, w, C)
-    guidance: jax.Array  # () float32
-    empty: Cond | None = None  # (L, D) the unconditional embedding (single-branch target rows)
+    sched: Schedule  # the inversion's DDIM schedule, shared
+    x_T: jax.Array  # (G, h, w, C)
+    cond: Cond  # (G, R, L, D) or SDXL's TextCond: per image the source prompt, then the targets
+    phi: Cond  # (G, T, L, D) the inversion's unconditional embedding per step
+    pivots: jax.Array  # (G, T+1, h, w, C)
+    guidance: jax.Array  # (G,) float32
+    empty: Cond | None = None  # (G, L, D) the unconditional embedding (single-branch target rows)
+
+    @staticmethod
+    def specs(axis: str) -> "EditInputs":
+        """How `parallel` splits the fields over a mesh: every image's arrays over `axis`."""
+        from jax.sharding import PartitionSpec as P
+
+        return EditInputs(P(), P(axis), P(axis), P(axis), P(axis), P(axis), P(axis))
+
+
+class EditSpec(NamedTuple):
+    """One image's edit prepared on the host: the compiled controller and the target prompts'
+    embeddings. Edits whose `key` agrees run as one program (`stack`)."""
+
+    static: _Static
+    arr: _Arrays  # host arrays
+    targets: Cond  # (n, L, D) host arrays: the target prompts' embeddings
+    empty: Cond  # (L, D) the unconditional embedding
+    edit: bool = True
+
+    @property
+    def key(self) -> tuple:
+        return self.static, self.edit, cnd.num_rows(self.targets)
+
+
+def edit_spec(pipe: Pipeline, inv: Inversion, targets: Sequence[str], *, controller: Controller | None = None,
+              edit: bool = True) -> EditSpec:
+    """Check the prompts, compile the controller (the automatic one if none) and encode the
+    targets, for image 0 of `inv` (its prompt, schedule and method). Host work only."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    source = inv.prompts[0]
+    if edit and not targets:
+        raise PromptError("give at least one target prompt to edit with")
+    for t in targets:
+        if not isinstance(t, str) or not t.strip():
+            raise PromptError(f"target prompts must be non-empty captions, got {t!r}")
+    controller = controller or auto_controller(source, targets)
+    n, latent = inv.timesteps.shape[0], inv.x_T.shape[1]
+    static, arr = compile_controller(pipe, controller, source, targets, n, latent, inv.method == "direct")
+    emb, null = pipe.encode_with_null(targets) if targets else pipe.encode_with_null([source])
+    emb = cnd.take(emb, slice(0, len(targets)))
+    return EditSpec(static, arr, jax.device_get(emb), jax.device_get(cnd.take(null, 0)), edit)
+
+
+def stack(specs: Sequence[EditSpec]) -> _Arrays:
+    """The controllers' arrays of G edits of one `key`, stacked on a leading image axis (host)."""
+    return jax.tree_util.tree_map(lambda *a: np.stack(a), *[s.arr for s in specs])
+
+
+def edit_inputs(inv: Inversion, rows: Sequence[int], specs: Sequence[EditSpec], sched: Schedule) -> EditInputs:
+    """The program's inputs for the edits `specs` of the images `rows` of `inv` (one per spec), on
+    the devices that hold `inv`'s arrays."""
+    rows = np.asarray(rows)
+    source = jax.tree_util.tree_map(lambda a: a[rows][:, None], inv.cond_embeddings)  # (G, 1, L, D)
+    tgt = jax.tree_util.tree_map(lambda *a: np.stack(a), *[s.targets for s in specs])
+    cond = cnd.concat([source, tgt], axis=1)
+    empty = jax.tree_util.tree_map(lambda *a: np.stack(a), *[s.empty for s in specs])
+    guidance = np.full((len(rows),), inv.settings.guidance_scale, np.float32)
+    return EditInputs(sched, inv.x_T[rows], cond, cnd.take(inv.null_embeddings, rows), inv.pivots[rows], guidance, empty)
 
 
 def _uncond(static: _Static, inputs: EditInputs, k) -> Cond:
-    """The unconditional rows (R, L, D) at step k."""
-    cond, phi = inputs.cond, cnd.take(inputs.phi, k)
-    rows = cnd.num_rows(cond)
+    """The unconditional rows (G, R, L, D) at step k."""
+    cond, phi = inputs.cond, cnd.take(inputs.phi, (slice(None), k))  # phi: (G, L, D)
+    g, rows = cnd.tokens(cond).shape[:2]
+    col = lambda c: jax.tree_util.tree_map(lambda a: a[:, None], c)
     if static.single_branch and rows > 1:
-        return cnd.concat([cnd.broadcast(phi, (1,)), cnd.broadcast(inputs.empty, (rows - 1,))])
-    return cnd.broadcast(phi, (rows,))
+        rest = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[:, None], (g, rows - 1) + a.shape[1:]), inputs.empty)
+        return cnd.concat([col(phi), rest], axis=1)
+    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[:, None], (g, rows) + a.shape[1:]), phi)
 
 
-@partial(jax.jit, static_argnames=("static", "edit"))
-def _edit_program(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: _Static, edit: bool):
-    """Batched CFG sampling of R rows from one x_T with the controller; returns (latents, maps)."""
+def _flat(c):
+    """(G, R, ...) leaves -> (G * R, ...)."""
+    return jax.tree_util.tree_map(lambda a: a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:]), c)
+
+
+def edit_core(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: _Static, edit: bool):
+    """CFG sampling of G images x R rows, each image from its own x_T with its own controller
+    arrays (`arr`, leading axis G), all rows in one UNet batch; returns (latents (G, R, h, w, C),
+    maps (G, R, s, s, L)). Every image is computed as it would be alone (the controller, the
+    blend and ProxEdit's quantile per image)."""
     sched, x_T, cond, _, pivots, guidance, _ = inputs
-    rows, latent, n, s = cnd.num_rows(cond), x_T.shape[1], sched.timesteps.shape[0], static.blend_size
+    g, rows = cnd.tokens(cond).shape[:2]
+    latent, n, s = x_T.shape[1], sched.timesteps.shape[0], static.blend_size
+    per_image = lambda f, *args: jax.vmap(f)(arr, *args)
 
     def step(carry, k):
-        x, store = carry
+        x, store = carry  # (G, R, h, w, C), (G, R, s, s, L)
         collected = []
 
         stored = lambda place: place.kind == "cross" and place.size == (s, s) and place.block != "mid"
 
         def hook(probs, place):
-            u, c = probs[:rows], probs[rows:]
+            u, c = probs[: g * rows], probs[g * rows :].reshape((g, rows) + probs.shape[1:])
             if edit:
-                c = _edit_cond(static, arr, k, c, place)
+                c = per_image(lambda a, p: _edit_cond(static, a, k, p, place), c)
             if stored(place):
-                collected.append(jnp.mean(c, axis=1).reshape(rows, s, s, -1))  # the stored maps are the edited ones
-            return jnp.concatenate([u, c])
+                collected.append(jnp.mean(c, axis=2).reshape(g, rows, s, s, -1))  # the stored maps are the edited ones
+            return jnp.concatenate([u, c.reshape(probs[g * rows :].shape)])
 
         # Self-attention larger than the replacement limit is left alone: it runs fused (at SD 1.5
         # the 64x64 layers' probabilities were 2 GiB per layer for two prompts).
         hook.wants = lambda place: stored(place) or (edit and (place.kind == "cross" or _self_replaced(static, place)))
 
         t, a_t, a_prev = sched.timesteps[k], sched.alpha_t[k], sched.alpha_prev[k]
-        xx = jnp.concatenate([x, x])
-        eps_u, eps_c = jnp.split(model.eps(xx, t, a_t, cnd.concat([_uncond(static, inputs, k), cond]), hook), 2)
-        pivot = pivots[n - 1 - k]
+        flat = x.reshape((g * rows,) + x.shape[2:])
+        context = cnd.concat([_flat(_uncond(static, inputs, k)), _flat(cond)])
+        eps_u, eps_c = (e.reshape(x.shape) for e in jnp.split(model.eps(jnp.concatenate([flat, flat]), t, a_t, context, hook), 2))
+        pivot = pivots[:, n - 1 - k]  # (G, h, w, C)
         if edit and static.prox:
             unit = jnp.sqrt(a_t) if model.prediction_type == "v_prediction" else 1.0
-            eps, pull = _proximal_step(static, arr, eps_u, eps_c, t, guidance, unit)
+            eps, pull = per_image(lambda a, u, c, w: _proximal_step(static, a, u, c, t, w, unit), eps_u, eps_c, guidance)
         else:
-            eps, pull = guide(eps_u, eps_c, guidance), None
+            eps, pull = guide(eps_u, eps_c, guidance[:, None, None, None, None]), None
         x = denoise_step(eps, x, a_t, a_prev)
         if static.direct:  # PnP: the source row takes its offset before the pull and the blend
-            x = x.at[0].set(pivot)
+            x = x.at[:, 0].set(pivot)
         if pull is not None:
-            x = x - pull * (x - pivot)
+            x = x - pull * (x - pivot[:, None])
         store = store + sum(collected) / len(collected)
         if edit and static.blend_start < n:
-            blended = x[:1] + _blend_mask(static, arr, store, latent) * (x - x[:1])
+            mask = per_image(lambda a, m: _blend_mask(static, a, m, latent), store)
+            blended = x[:, :1] + mask * (x - x[:, :1])
             x = jnp.where(k >= static.blend_start, blended, x)
         return (x, store), None
 
-    x0 = jnp.broadcast_to(x_T, (rows,) + x_T.shape[1:])
-    store0 = jnp.zeros((rows, s, s, cnd.tokens(cond).shape[1]), jnp.float32)
+    x0 = jnp.broadcast_to(x_T[:, None], (g, rows) + x_T.shape[1:])
+    store0 = jnp.zeros((g, rows, s, s, cnd.tokens(cond).shape[2]), jnp.float32)
     (x, store), _ = jax.lax.scan(step, (x0, store0), jnp.arange(n))
     return x, store / n
+
+
+_edit_program = jax.jit(edit_core, static_argnames=("static", "edit"))
 
 
 def _single(inv: Inversion) -> Inversion:
@@ -367,23 +441,10 @@ def edit_latents(pipe: Pipeline, inv: Inversion, targets: Sequence[str], *, cont
                  edit: bool = True) -> tuple[jax.Array, jax.Array]:
     """The edit's final latents (1 + n, h, w, C) and its stored cross-attention maps (1 + n, s, s, L)
     (see `attention_maps`); `edit=False` samples the rows without a controller."""
-    inv = _single(inv)
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    source = inv.prompts[0]
-    if edit and not targets:
-        raise PromptError("give at least one target prompt to edit with")
-    for t in targets:
-        if not isinstance(t, str) or not t.strip():
-            raise PromptError(f"target prompts must be non-empty captions, got {t!r}")
-    controller = controller or auto_controller(source, targets)
-    sched = inversion_schedule(pipe, inv)
-    n, latent = sched.timesteps.shape[0], inv.x_T.shape[1]
-    static, arr = compile_controller(pipe, controller, source, targets, n, latent, inv.method == "direct")
-    emb, null = pipe.encode_with_null(targets)
-    cond = cnd.concat([inv.cond_embeddings, emb])
-    inputs = EditInputs(sched, inv.x_T, cond, cnd.take(inv.null_embeddings, 0), inv.pivots[0], jnp.float32(inv.settings.guidance_scale),
-                        cnd.take(null, 0))
-    return _edit_program(Denoiser.of(pipe), arr, inputs, static=static, edit=edit)
+    spec = edit_spec(pipe, _single(inv), targets, controller=controller, edit=edit)
+    inputs = edit_inputs(inv, [0], [spec], inversion_schedule(pipe, inv))
+    latents, maps = _edit_program(Denoiser.of(pipe), stack([spec]), inputs, static=spec.static, edit=edit)
+    return latents[0], maps[0]
 
 
 def edit(pipe: Pipeline, inv: Inversion, target_prompts: Sequence[str], *, controller: Controller | None = None) -> np.ndarray:

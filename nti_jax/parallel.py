@@ -30,14 +30,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import conditioning as cnd
-from . import planning
+from . import p2p, planning
 from .inversion import (
-    BATCHED_FIELDS, Inversion, InvertInputs, abstract_inputs, assemble, check_remat, cond_shapes, invert_core, plan_program, prepare_inputs,
+    Inversion, InvertInputs, abstract_inputs, assemble, check_remat, cond_shapes, invert_core, plan_program, prepare_inputs,
 )
 from .planning import pad_rows
-from .pipeline import Pipeline
-from .sampling import Denoiser, reconstruct
+from .pipeline import Pipeline, decode_with
+from .sampling import Denoiser, inversion_schedule, sample_core
 from .settings import InvertSettings
 
 AXIS = "batch"
@@ -193,15 +192,76 @@ def _local(x: jax.Array, device) -> jax.Array:
     return piece
 
 
+def _glue(pieces: Sequence, mesh: Mesh):
+    """One pytree of per-device pieces (in mesh order, equal shapes) -> global arrays split over
+    the batch axis, each piece staying on (or moved once to) its device."""
+    devices = list(mesh.devices.flat)
+    batched = NamedSharding(mesh, P(AXIS))
+
+    def one(*leaves):
+        arrays = [jax.device_put(a, d) for a, d in zip(leaves, devices)]
+        return jax.make_array_from_single_device_arrays((len(arrays) * arrays[0].shape[0],) + arrays[0].shape[1:], batched, arrays)
+
+    return jax.tree_util.tree_map(one, *pieces)
+
+
+@functools.lru_cache(maxsize=16)
+def _reconstruct_program(mesh: Mesh, direct: bool, vae, scaling: float):
+    """Each device samples its rows from their x_T with their phi and decodes them, and decodes
+    z*_0 (the VAE's own reconstruction): (images, latents, VAE images), split like the rows."""
+
+    def body(model, vae_params, sched, x_T, cond, null, pivots, guidance):
+        z = sample_core(model, sched, x_T, cond, null, pivots, guidance, direct=direct)
+        return decode_with(vae, scaling, vae_params, z), z, decode_with(vae, scaling, vae_params, pivots[:, 0])
+
+    rows = P(AXIS)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), rows, rows, rows, rows, P()), out_specs=rows, check_vma=False))
+
+
+@functools.lru_cache(maxsize=64)
+def _edit_program(mesh: Mesh, static, edit: bool, vae, scaling: float):
+    """`p2p.edit_core` for the edits each device holds (one key), decoded there: (images
+    (G, R, H, W, 3), maps (G, R, s, s, L)), split over the devices like the edits."""
+
+    def body(model, vae_params, arr, inputs):
+        latents, maps = p2p.edit_core(model, arr, inputs, static=static, edit=edit)
+        g, r = latents.shape[:2]
+        images = decode_with(vae, scaling, vae_params, latents.reshape((g * r,) + latents.shape[2:]))
+        return images.reshape((g, r) + images.shape[1:]), maps
+
+    in_specs = (P(), P(), P(AXIS), p2p.EditInputs.specs(AXIS))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS), check_vma=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One call's inversions, kept where they were made: `inv` holds the call's rows (images per
+    device x devices) split over the mesh's batch axis; the first `n` are the call's images, the
+    rest copies of its last one that fill the devices. `host()` brings them to the host once."""
+
+    inv: Inversion
+    n: int
+
+    def host(self) -> list[Inversion]:
+        """The `n` images' inversions as host (numpy) arrays, B = 1 each: one transfer per array."""
+        whole = jax.device_get(self.inv)
+        return [whole[i] for i in range(self.n)]
+
+
+EditJob = tuple  # (row of the batch, p2p.EditSpec)
+
+
 class ShardedInverter:
-    """Inversion over a mesh: `invert` splits a batch over the devices (padding it to fill them),
-    runs one compiled program per (static settings, progress callable), and returns one `Inversion`
-    per image on the device that made it. The UNet parameters are replicated once per pipeline."""
+    """Inversion, reconstruction and editing over a mesh. `invert` splits images over the devices
+    (padding them to fill every device) and returns each call's rows as a `Batch` that stays
+    split; `reconstruct` and `edit` run on each device's own rows in one program per call, so an
+    image's arrays never leave the device that inverted it until `Batch.host`. The model's
+    parameters are replicated once per pipeline."""
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
         self._programs: set = set()  # the programs `invert` ran: compiled executables or jitted functions
-        self._for = None  # (pipe, replicated Denoiser, per-device pipelines)
+        self._for = None  # (pipe, replicated Denoiser, per-device pipelines, {mesh: (Denoiser, VAE params)})
 
     @property
     def num_devices(self) -> int:
@@ -222,14 +282,22 @@ class ShardedInverter:
                     params = {k: jax.device_put(v, device) for k, v in pipe.params.items() if k != "unet"}
                     params["unet"] = jax.tree_util.tree_map(lambda a: _local(a, device), model.params)
                     replicas.append(dataclasses.replace(pipe, params=params))
-            self._for = (pipe, model, replicas)
+            vae = jax.device_put(pipe.params["vae"], NamedSharding(self.mesh, P()))
+            one = local_mesh(self.devices[:1])
+            self._for = (pipe, model, replicas, {self.mesh: (model, vae), one: (Denoiser.of(replicas[0]), replicas[0].params["vae"])})
         return self._for[1], self._for[2]
 
-    def replica(self, pipe: Pipeline, inv: Inversion) -> Pipeline:
-        """The pipeline whose parameters live on the device that holds `inv` (edits run there)."""
-        _, replicas = self._setup(pipe)
-        (device,) = inv.x_T.devices()
-        return replicas[self.devices.index(device)] if device in self.devices else pipe
+    def _on(self, pipe: Pipeline, inv: Inversion) -> tuple[Mesh, Inversion, Denoiser, dict]:
+        """(the mesh `inv`'s rows are split over, `inv` there, the model and VAE params there): this
+        mesh for a `Batch` made by `invert`, the first device alone for any other inversion (one
+        loaded from its file)."""
+        self._setup(pipe)
+        meshes = self._for[3]
+        x = inv.x_T
+        if isinstance(x, jax.Array) and x.sharding == NamedSharding(self.mesh, P(AXIS)):
+            return (self.mesh, inv) + meshes[self.mesh]
+        one = local_mesh(self.devices[:1])
+        return (one, jax.device_put(inv, self.devices[0])) + meshes[one]
 
     def _prepare(self, replicas: Sequence[Pipeline], images, prompts, settings: InvertSettings) -> InvertInputs:
         """Each device encodes its own rows; the pieces become batch-sharded arrays."""
@@ -271,9 +339,9 @@ class ShardedInverter:
     def invert(
         self, pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings,
         progress: Optional[Callable] = None, *, remat: str = "auto", max_device_memory: Optional[float] = None,
-    ) -> list[Inversion]:
-        """Invert uint8 square images (at the model's size) with their prompts: one `Inversion`
-        (B = 1) per image, each on the device that inverted it. `remat`: what the null-text
+    ) -> list[Batch]:
+        """Invert uint8 square images (at the model's size) with their prompts: one `Batch` per call
+        of the program, in order, together holding every image once. `remat`: what the null-text
         gradient recomputes instead of keeping (`inversion.REMAT_MODES`), or "auto"; with "auto"
         or `max_device_memory` (GiB per device) the mode and the images per call come from the
         compiled programs (`plan`), and a share that fits in no mode runs in several calls.
@@ -290,35 +358,59 @@ class ShardedInverter:
             program = sharded_program(self.mesh, settings.method, progress, remat)
         self._programs.add(program)
         step = per * self.num_devices
-        invs = []
+        batches = []
         for start in range(0, len(images), step):
-            rows = [start + r for r in pad_rows(min(step, len(images) - start), step)]
+            n = min(step, len(images) - start)
+            rows = [start + r for r in pad_rows(n, step)]
             padded = [prompts[r] for r in rows]
             inputs = self._prepare(replicas, [images[r] for r in rows], padded, settings)
             out = program(model, inputs)
-            for d, (device, rep) in enumerate(zip(self.devices, replicas)):
-                local = jax.tree_util.tree_map(lambda a: _local(a, device), out)
-                piece = assemble(rep, settings, padded[d * per : (d + 1) * per], jax.tree_util.tree_map(lambda a: _local(a, device), inputs.cond),
-                                 _local(inputs.sched.timesteps, device), local)
-                invs.extend(piece[j] for j in range(per))
-            invs = invs[: min(len(images), start + step)]
-        return invs
+            batches.append(Batch(assemble(pipe, settings, padded, inputs.cond, inputs.sched.timesteps, out), n))
+        return batches
 
-    def reconstruct(self, pipe: Pipeline, invs: Sequence[Inversion]) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-        """(reconstruction (H,W,3), its latent (h,w,C), the VAE's own decode of z0 (H,W,3)) per
-        inversion, each device reconstructing the rows it holds in one batch."""
-        by_device: dict = {}
-        for k, inv in enumerate(invs):
-            by_device.setdefault(self.replica(pipe, inv), []).append(k)
-        out: list = [None] * len(invs)
-        for rep, ks in by_device.items():
-            rows = [invs[k] for k in ks]
-            batch = rows[0].replace(**{f: cnd.concat([getattr(r, f) for r in rows]) for f in BATCHED_FIELDS},
-                                    prompts=tuple(p for r in rows for p in r.prompts))
-            images, latents = reconstruct(rep, batch)
-            vae = rep.decode_latents(batch.pivots[:, 0])
-            for j, k in enumerate(ks):
-                out[k] = (images[j], latents[j], vae[j])
+    def reconstruct(self, pipe: Pipeline, inv: Inversion) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(reconstructions (B, H, W, 3), their latents (B, h, w, C), the VAE's own decode of z*_0
+        (B, H, W, 3)) of a `Batch`'s (or any) inversion: each device its own rows, in one call."""
+        mesh, inv, model, vae = self._on(pipe, inv)
+        program = _reconstruct_program(mesh, inv.method == "direct", pipe.vae, pipe.scaling_factor)
+        sched = jax.device_put(inversion_schedule(pipe, inv), NamedSharding(mesh, P()))
+        return program(model, vae, sched, inv.x_T, inv.cond_embeddings, inv.null_embeddings, inv.pivots,
+                       jax.device_put(np.float32(inv.settings.guidance_scale), NamedSharding(mesh, P())))
+
+    def edit(self, pipe: Pipeline, inv: Inversion, jobs: Sequence[EditJob]) -> list:
+        """Run edits of `inv`'s images: `jobs` = (row, `p2p.EditSpec`) pairs. The edits of one key
+        run as one program, each on the device that holds its row (a device with fewer of them
+        repeats one to fill the program). Per job: (images (R, H, W, 3), maps (R, s, s, L)) as
+        host arrays, or the exception its program raised."""
+        mesh, inv, model, vae = self._on(pipe, inv)
+        devices = list(mesh.devices.flat)
+        per = inv.num_images // len(devices)
+        local = [jax.tree_util.tree_map(lambda a: _local(a, d), inv) for d in devices]
+        sched = jax.device_put(inversion_schedule(pipe, inv), NamedSharding(mesh, P()))
+        out: list = [None] * len(jobs)
+        groups: dict = {}
+        for j, (row, spec) in enumerate(jobs):
+            groups.setdefault(spec.key, []).append(j)
+        for key, members in groups.items():
+            mine = [[j for j in members if jobs[j][0] // per == d] for d in range(len(devices))]
+            m = max(len(js) for js in mine)
+            pieces = []
+            for d, js in enumerate(mine):
+                fill = js + [js[0] if js else members[0]] * (m - len(js))
+                rows = [jobs[j][0] - d * per if j in js else 0 for j in fill]  # a filler takes a row the device holds
+                specs = [jobs[j][1] for j in fill]
+                pieces.append((p2p.stack(specs), p2p.edit_inputs(local[d], rows, specs, sched)._replace(sched=None)))
+            arr, inputs = _glue(pieces, mesh)
+            try:
+                images, maps = jax.device_get(_edit_program(mesh, key[0], key[1], pipe.vae, pipe.scaling_factor)(
+                    model, vae, arr, inputs._replace(sched=sched)))
+            except Exception as e:  # noqa: BLE001 - each job of the program gets its error
+                for j in members:
+                    out[j] = e
+                continue
+            for d, js in enumerate(mine):
+                for g, j in enumerate(js):
+                    out[j] = (images[d * m + g], maps[d * m + g])
         return out
 
     def compiled_programs(self) -> int:
@@ -328,6 +420,7 @@ class ShardedInverter:
 
 __all__ = [
     "AXIS",
+    "Batch",
     "FileBarrier",
     "ShardedInverter",
     "cache_dir_from_env",

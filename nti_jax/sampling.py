@@ -3,7 +3,6 @@ reconstruction, generation and editing share."""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
@@ -90,11 +89,14 @@ def cfg_sample(model: Denoiser, sched: Schedule, x_T: jax.Array, cond: jax.Array
     return x
 
 
-@partial(jax.jit, static_argnames=("direct",))
-def _sample_program(model: Denoiser, sched: Schedule, x_T, cond, uncond, pivots, guidance, *, direct: bool):
+def sample_core(model: Denoiser, sched: Schedule, x_T, cond, uncond, pivots, guidance, *, direct: bool) -> jax.Array:
+    """Reconstruction's final latents (B, h, w, C): `cfg_sample`, or for a direct inversion z*_0."""
     if direct:
         return pivots[:, 0]  # pinning the source branch to the pivots returns z*_0 exactly
     return cfg_sample(model, sched, x_T, cond, uncond, guidance)
+
+
+_sample_program = jax.jit(sample_core, static_argnames=("direct",))
 
 
 def reconstruct(pipe: Pipeline, inv: "Inversion") -> tuple[jax.Array, jax.Array]:

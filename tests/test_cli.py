@@ -261,6 +261,9 @@ def test_four_devices_equal_one_device(single, six, model, null, tmp_path, cache
     iters = [r["inner_iterations"] for r in a]
     assert len(set(iters)) > 1 and iters == [r["inner_iterations"] for r in b]
     assert_same_inversions(str(single), str(out), [r["name"] for r in a], null)
+    for r in a:  # each image's heat maps come from its own row, wherever the device program put it
+        x, y = (np.asarray(Image.open(os.path.join(d, r["name"], "attention.png")), np.int16) for d in (single, out))
+        assert x.shape == y.shape and np.abs(x - y).max() <= 8, r["name"]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,9 +72,10 @@ def test_local_blend_keeps_the_source_outside_the_mask(pipe, inv):
     def run(threshold):
         ctrl = nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], threshold=threshold, start=0.2))
         static, arr = p2p.compile_controller(pipe, ctrl, SRC, [target], 10, 16, False)
-        inputs = p2p.EditInputs(sched, inv.x_T, cond, inv.null_embeddings[0], inv.pivots[0], jnp.float32(7.5))
-        z, maps = p2p._edit_program(nti_jax.sampling.Denoiser.of(pipe), arr, inputs, static=static, edit=True)
-        return np.asarray(z), np.asarray(p2p._blend_mask(static, arr, jnp.asarray(maps) * 10, 16))[1, ..., 0]
+        inputs = p2p.EditInputs(sched, inv.x_T, cond[None], inv.null_embeddings, inv.pivots, np.float32([7.5]))
+        one = jax.tree_util.tree_map(lambda a: a[None], arr)  # the program's leading image axis
+        z, maps = p2p._edit_program(nti_jax.sampling.Denoiser.of(pipe), one, inputs, static=static, edit=True)
+        return np.asarray(z[0]), np.asarray(p2p._blend_mask(static, arr, jnp.asarray(maps[0]) * 10, 16))[1, ..., 0]
 
     # A random model's attention is nearly flat: pick a threshold that gives a partial mask.
     for th in np.linspace(0.5, 0.999, 30):

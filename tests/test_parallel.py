@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax import inversion, parallel, testing
+from nti_jax import inversion, p2p, parallel, testing
+from nti_jax.testing import rel_err
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 
@@ -39,10 +40,9 @@ def test_sharded_program_equals_invert(pipe, images):
     parallel.sharded_program.cache_clear()  # programs are shared per process: count this test's own
     inverter = parallel.ShardedInverter(mesh)
     settings = nti_jax.InvertSettings(num_steps=5, num_inner_steps=3, early_stop_epsilon=1.0)
-    pieces = inverter.invert(pipe, images, PROMPTS, settings)
-    assert [p.num_images for p in pieces] == [1, 1]
-    inv = pieces[0].replace(**{k: np.concatenate([np.asarray(getattr(p, k)) for p in pieces]) for k in inversion.BATCHED_FIELDS},
-                            prompts=tuple(q for p in pieces for q in p.prompts))
+    (batch,) = inverter.invert(pipe, images, PROMPTS, settings)
+    assert batch.n == 2 and batch.inv.num_images == 2
+    inv = batch.inv
     assert inv.method == ref.method and inv.settings == ref.settings and inv.prompts == ref.prompts
     iters = np.array(inv.inner_iterations)
     np.testing.assert_array_equal(iters, np.array(ref.inner_iterations))
@@ -52,8 +52,37 @@ def test_sharded_program_equals_invert(pipe, images):
     before = inverter.compiled_programs()
     inverter.invert(pipe, images[::-1], PROMPTS[::-1], settings)
     assert inverter.compiled_programs() == before == 1
-    (recon, latent, vae), _ = inverter.reconstruct(pipe, pieces)
-    np.testing.assert_array_equal(np.array(latent), np.array(nti_jax.reconstruct(pipe, inv)[1][0]))
+    host = batch.host()
+    assert [h.num_images for h in host] == [1, 1] and isinstance(host[0].pivots, np.ndarray)
+    recon, latent, vae = inverter.reconstruct(pipe, inv)
+    images_ref, latent_ref = nti_jax.reconstruct(pipe, ref)
+    assert rel_err(latent, latent_ref) <= 1e-6 and rel_err(recon, images_ref) <= 1e-6
+    assert rel_err(vae, pipe.decode_latents(ref.pivots[:, 0])) <= 1e-6
+
+
+@pytest.mark.slow
+def test_edits_of_a_batch_equal_edits_one_by_one(pipe, images):
+    """`ShardedInverter.edit`: the edits of two images with the same shape run as one program of
+    two images; every job gives what `nti_jax.edit` (the oracle-tested single edit) gives, and an
+    edit of another shape (LocalBlend) and the source-only maps run beside them."""
+    inverter = parallel.ShardedInverter(parallel.local_mesh(jax.local_devices()[:1]))
+    (batch,) = inverter.invert(pipe, images, PROMPTS, nti_jax.InvertSettings(num_steps=5, num_inner_steps=2))
+    host = batch.host()
+    blend = nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], threshold=0.3))
+    asks = [(0, ["a blue circle on a blue background"], None), (1, ["a green square on a black background"], None),
+            (0, ["a green circle on a blue background"], blend)]
+    specs = [(row, p2p.edit_spec(pipe, host[row], t, controller=c)) for row, t, c in asks]
+    specs.append((1, p2p.edit_spec(pipe, host[1], [], edit=False)))
+    assert specs[0][1].key == specs[1][1].key != specs[2][1].key
+    out = inverter.edit(pipe, batch.inv, specs)
+    for (row, targets, controller), (images_out, maps) in zip(asks, out):
+        ref = nti_jax.edit(pipe, host[row], targets, controller=controller)
+        assert images_out.shape == ref.shape == (2, 64, 64, 3)
+        np.testing.assert_allclose(images_out, ref, atol=2e-5)
+        np.testing.assert_allclose(maps, nti_jax.attention_maps(pipe, host[row], targets, controller=controller), atol=1e-5)
+    images_1, maps_1 = out[3]
+    assert images_1.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(maps_1, nti_jax.attention_maps(pipe, host[1]), atol=1e-5)
 
 
 def test_host_share_splits_every_item_once():

@@ -45,10 +45,10 @@ def test_edit_program_stays_on_device(pipe, image):
     static, arr = p2p.compile_controller(pipe, nti_jax.Replace(), PROMPT, [target], 4, 16, False)
     cond = jnp.concatenate([inv.cond_embeddings, pipe.encode_prompt([target])])
     inputs = jax.device_put(p2p.EditInputs(
-        sampling.inversion_schedule(pipe, inv), inv.x_T, cond, inv.null_embeddings[0], inv.pivots[0], jnp.float32(7.5)
+        sampling.inversion_schedule(pipe, inv), inv.x_T, cond[None], inv.null_embeddings, inv.pivots, jnp.float32([7.5])
     ))
-    model, arr = jax.device_put((sampling.Denoiser.of(pipe), arr))
+    model, arr = jax.device_put((sampling.Denoiser.of(pipe), jax.tree_util.tree_map(lambda a: a[None], arr)))
     jax.block_until_ready(p2p._edit_program(model, arr, inputs, static=static, edit=True))
     with jax.transfer_guard("disallow"):
         z, maps = jax.block_until_ready(p2p._edit_program(model, arr, inputs, static=static, edit=True))
-    assert z.shape == (2, 16, 16, 4) and maps.shape[0] == 2
+    assert z.shape == (1, 2, 16, 16, 4) and maps.shape[:2] == (1, 2)
