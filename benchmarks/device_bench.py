@@ -9,7 +9,7 @@ budget), and its JSON line is appended to --out as soon as it ends, so a lease c
 returns every finished point. Points, in order of value (`POINTS`): null-text in bf16 at batch
 1; the same with each candidate fix as an A/B (the flipped-kernel conv gradient, CUDA-graph
 capture of loops); the compile again from the persistent cache; bf16 at batch 8 and 4; a
-two-prompt 50-step edit; SDXL (1024 px) null-text in bf16 at batch 1; the toy model's bf16 against float32 null-text on held-out images;
+two-prompt 50-step edit, alone and 8 images in one program (a batch's edits); SDXL (1024 px) null-text in bf16 at batch 1; the toy model's bf16 against float32 null-text on held-out images;
 float32 at batch 1; the PyTorch reference.
 
 A null-text point builds random UNet weights from the parameter shapes on the device (no torch,
@@ -48,6 +48,7 @@ POINTS = [
     ("bf16-b8", "invert", dict(dtype="bfloat16", batch=8), 240),
     ("bf16-b4", "invert", dict(dtype="bfloat16", batch=4), 200),
     ("bf16-edit-2", "edit", dict(dtype="bfloat16", rows=2), 180),
+    ("bf16-edit-2-x8", "edit", dict(dtype="bfloat16", rows=2, images=8), 180),
     ("sdxl-bf16-b1", "invert", dict(dtype="bfloat16", batch=1, model="sdxl"), 240),
     ("toy-bf16-vs-f32", "quality", dict(n=10), 180),
     ("f32-b1", "invert", dict(dtype="float32", batch=1), 200),
@@ -187,19 +188,20 @@ def run_invert(model_kind: str, dtype: str, batch: int, steps: int, inner: int, 
     return row
 
 
-def run_edit(model_kind: str, dtype: str, rows: int, steps: int) -> dict:
+def run_edit(model_kind: str, dtype: str, rows: int, steps: int, images: int = 1) -> dict:
+    """`rows`-prompt edits of `images` images in one program (the CLI's batch of edits of one shape)."""
     import jax
 
     from benchmarks import memory
 
     model = random_model(model_kind, dtype)
-    lowered, args = memory.lower_edit(model, rows=rows, steps=steps, concrete=True)
+    lowered, args = memory.lower_edit(model, rows=rows, steps=steps, concrete=True, images=images)
     compiled, info = _compile(lowered)
     jax.block_until_ready(compiled(*args))
     t = time.time()
     jax.block_until_ready(compiled(*args))
     seconds = time.time() - t
-    return dict(info, run_s=seconds, s_per_edit_50=seconds * FULL_STEPS / steps, steps=steps, rows=rows)
+    return dict(info, run_s=seconds, s_per_edit_50=seconds * FULL_STEPS / steps / images, steps=steps, rows=rows, images=images)
 
 
 def run_quality(n: int, steps: int) -> dict:
@@ -250,7 +252,7 @@ def run_point(name: str, kind: str, settings: dict, a) -> dict:
             model, dtype, settings["batch"], a.steps, a.inner, settings.get("profile", False),
             settings.get("compile_only", False), os.path.join(a.cache, "trace", name)))
     elif kind == "edit":
-        row.update(dtype=dtype, **run_edit(model, dtype, settings["rows"], a.edit_steps))
+        row.update(dtype=dtype, **run_edit(model, dtype, settings["rows"], a.edit_steps, settings.get("images", 1)))
     elif kind == "quality":
         row.update(run_quality(settings["n"] if not a.dry_run else 2, a.steps if a.dry_run else FULL_STEPS))
     else:
@@ -302,12 +304,13 @@ def table(rows: list) -> str:
     out = ["| point | dtype | batch | compile s | XLA needs GiB | cuDNN fmha | s/image (50 x inner) | peak GiB | note |",
            "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
+    size = lambda r: r.get("batch", f"{r['images']} x {r['rows']}" if r.get("images", 1) > 1 else r.get("rows", ""))
     for r in rows:
         per = r.get("s_per_image_50", r.get("s_per_edit_50"))
         note = r.get("error") or r.get("skipped") or r.get("scaled") or ""
         if "float32" in r and "bfloat16" in r:
             note = f"PSNR f32 {r['float32']['psnr_mean']:.2f} / bf16 {r['bfloat16']['psnr_mean']:.2f} dB (n={r['float32']['n']})"
-        out.append(f"| {r['point']} | {r.get('dtype', '')} | {r.get('batch', r.get('rows', ''))} | {f(r.get('compile_s'), 1)} | "
+        out.append(f"| {r['point']} | {r.get('dtype', '')} | {size(r)} | {f(r.get('compile_s'), 1)} | "
                    f"{f(r.get('need_gib'))} | {r.get('cudnn_fmha_calls', '')} | {f(per, 3)} | {f(r.get('peak_gib'))} | {note} |")
     for r in rows:
         if r.get("top_ops"):

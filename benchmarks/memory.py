@@ -142,9 +142,10 @@ def lower_invert(model: Denoiser, batch: int, remat: str, steps: int = 50):
     return inversion.invert_program.lower(model, invert_inputs(model, batch, steps), method="null-text", **kw)
 
 
-def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool = False):
-    """The Prompt-to-Prompt program for one image and `rows` prompts (Replace + LocalBlend);
-    with `concrete`, also random arguments to call its compiled form with (device_bench.py)."""
+def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool = False, images: int = 1):
+    """The Prompt-to-Prompt program for `images` images (one program, as a batch's edits of one
+    shape run) of `rows` prompts each (Replace + LocalBlend); with `concrete`, also random
+    arguments to call its compiled form with (device_bench.py)."""
     import nti_jax
     from nti_jax import p2p
     from nti_jax.pipeline import load_tokenizer
@@ -158,9 +159,10 @@ def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool =
     static, arr = p2p.compile_controller(fake, controller, source, [target] * (rows - 1), steps, s, False)
     f32, spec = jnp.float32, jax.ShapeDtypeStruct
     sched = Schedule(spec((steps,), jnp.int32), spec((steps,), f32), spec((steps,), f32))
-    inputs = p2p.EditInputs(sched, spec((1, s, s, ch), f32), cond_spec(model, (1, rows)), cond_spec(model, (1, steps)),
-                            spec((1, steps + 1, s, s, ch), f32), spec((1,), f32), cond_spec(model, (1,)))
-    arr = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], arr)  # the program's leading image axis: one image
+    g = images
+    inputs = p2p.EditInputs(sched, spec((g, s, s, ch), f32), cond_spec(model, (g, rows)), cond_spec(model, (g, steps)),
+                            spec((g, steps + 1, s, s, ch), f32), spec((g,), f32), cond_spec(model, (g,)))
+    arr = jax.tree_util.tree_map(lambda a: np.broadcast_to(np.asarray(a), (g,) + np.shape(a)), arr)  # the program's image axis
     arr_spec = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), arr)
     lowered = p2p._edit_program.lower(model, arr_spec, inputs, static=static, edit=True)
     if not concrete:
@@ -172,7 +174,7 @@ def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool =
     normal = lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
     normal_tree = lambda tree: jax.tree_util.tree_map(normal, tree)
     values = p2p.EditInputs(Schedule(*map(jnp.asarray, ddim_schedule(testing.SD1_SCHEDULER, steps))), normal(inputs.x_T),
-                            normal_tree(inputs.cond), normal_tree(inputs.phi), normal(inputs.pivots), jnp.float32([7.5]), normal_tree(inputs.empty))
+                            normal_tree(inputs.cond), normal_tree(inputs.phi), normal(inputs.pivots), jnp.full((g,), 7.5, jnp.float32), normal_tree(inputs.empty))
     return lowered, (model, arr, values)
 
 
