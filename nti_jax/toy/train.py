@@ -247,7 +247,6 @@ def train(args) -> None:
     unet, vae, text = _modules()
     ckpt = os.path.join(args.workdir, "state.msgpack")
     init = pl.init_params(unet, vae, text, jax.random.PRNGKey(args.seed))
-    rng = np.random.default_rng(args.seed)
 
     # ---- stage 1: VAE
     vae_sched = _lr_schedule(args.vae_lr, 100, args.vae_steps, 0.05)
@@ -280,6 +279,17 @@ def train(args) -> None:
         _save(ckpt, state)
 
     # ---- stage 2: UNet + text encoder
+    captions = Captions()
+    _unet_stage(args, state, ckpt, say, dict(unet=unet, vae=vae, text=text), "unet", "unet",
+                lambda caps, dropped: captions(caps))
+
+
+def _unet_stage(args, state: dict, ckpt: str, say, modules: dict, stage: str, label: str, ids_of) -> None:
+    """Stage 2's loop, shared by the SD and SDXL toys: batches of rendered scenes with captions
+    dropped to "" at --dropout, AdamW on a warm-up + cosine schedule, EMA, checkpoints every
+    --ckpt-every steps (`stage` names them), exports every --export-every steps (the EMA, or the
+    raw weights with --export-raw); a finished run only exports. `ids_of(captions, dropped)`: the
+    step's text input."""
     vae_p, scaling = state["vae"], float(state["scaling"])
     params, ema = state["params"], state["ema"]
     sched = _lr_schedule(args.lr, 200, args.unet_steps, 0.1)
@@ -287,27 +297,34 @@ def train(args) -> None:
     opt_state = opt.init(params)
     if state["opt"] is not None:
         opt_state = serialization.from_state_dict(opt_state, state["opt"])
-    ustep = make_unet_step(unet, vae, text, opt, scaling, args.ema, args.offset_noise)
-    captions = Captions()
+    ustep = make_unet_step(opt=opt, scaling=scaling, ema_decay=args.ema, offset_noise=args.offset_noise, **modules)
+    which = "raw" if args.export_raw else "EMA"
+
+    def export_now(when: str) -> None:
+        export(args.export, {"vae": vae_p, **(params if args.export_raw else ema)}, scaling)
+        say(f"exported {which} weights {when} to {args.export}")
+
     t0, losses = time.time(), []
     step0 = int(state["step"])
     rng = np.random.default_rng(args.seed + step0)
     for s in range(step0, args.unet_steps):
         seeds = range(s * args.batch, (s + 1) * args.batch)
         imgs, _, caps = render_batch(seeds, toy.IMAGE_SIZE)
-        caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < args.dropout)]
-        params, ema, opt_state, loss = ustep(params, ema, opt_state, vae_p, imgs, captions(caps), jax.random.PRNGKey(10**7 + s))
+        dropped = rng.random(len(caps)) < args.dropout
+        caps = ["" if d else c for c, d in zip(caps, dropped)]
+        params, ema, opt_state, loss = ustep(params, ema, opt_state, vae_p, imgs, ids_of(caps, dropped), jax.random.PRNGKey(10**7 + s))
         losses.append(loss)
         if (s + 1) % args.log_every == 0:
-            say(f"unet step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {args.log_every / (time.time() - t0):.2f} steps/s")
+            say(f"{label} step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {args.log_every / (time.time() - t0):.2f} steps/s")
             t0, losses = time.time(), []
         last = s + 1 == args.unet_steps
         if (s + 1) % args.ckpt_every == 0 or last:
-            _save(ckpt, {"stage": "unet", "step": s + 1, "vae": vae_p, "scaling": scaling, "params": params,
+            _save(ckpt, {"stage": stage, "step": s + 1, "vae": vae_p, "scaling": scaling, "params": params,
                          "ema": ema, "opt": serialization.to_state_dict(opt_state)})
         if args.export and ((s + 1) % args.export_every == 0 or last):
-            export(args.export, {"vae": vae_p, **ema}, scaling)
-            say(f"exported EMA weights at step {s + 1} to {args.export}")
+            export_now(f"at step {s + 1}")
+    if args.export and step0 >= args.unet_steps:  # a finished run: export its checkpoint again
+        export_now(f"of the finished run (step {step0})")
 
 
 # ---- the SDXL-shaped toy (issue 20)
@@ -387,40 +404,10 @@ def train_xl(args) -> None:
         say(f"warm start from {args.init} (scaling_factor {state['scaling']:.4f})")
     else:
         raise SystemExit("--sdxl needs --init FOLDER (the SD toy, e.g. nti_jax/toy/model) or a checkpoint in --workdir")
-    vae_p, scaling = state["vae"], float(state["scaling"])
-    params, ema = state["params"], state["ema"]
-    sched = _lr_schedule(args.lr, 200, args.unet_steps, 0.1)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-2, mask=_wd_mask))
-    opt_state = opt.init(params)
-    if state["opt"] is not None:
-        opt_state = serialization.from_state_dict(opt_state, state["opt"])
-    ustep = make_unet_step(unet, vae, text, opt, scaling, args.ema, args.offset_noise, text_2=text_2)
     captions = Captions()
     captions_2 = Captions(pl.clip_tokenizer_class().from_pretrained(TOKENIZER_DIR, pad_token="!"))  # sdxl-base's tokenizer_2
-    t0, losses = time.time(), []
-    step0 = int(state["step"])
-    rng = np.random.default_rng(args.seed + step0)
-    for s in range(step0, args.unet_steps):
-        seeds = range(s * args.batch, (s + 1) * args.batch)
-        imgs, _, caps = render_batch(seeds, toy.IMAGE_SIZE)
-        dropped = rng.random(len(caps)) < args.dropout
-        caps = ["" if d else c for c, d in zip(caps, dropped)]
-        ids = (captions(caps), captions_2(caps), dropped)
-        params, ema, opt_state, loss = ustep(params, ema, opt_state, vae_p, imgs, ids, jax.random.PRNGKey(10**7 + s))
-        losses.append(loss)
-        if (s + 1) % args.log_every == 0:
-            say(f"sdxl unet step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {args.log_every / (time.time() - t0):.2f} steps/s")
-            t0, losses = time.time(), []
-        last = s + 1 == args.unet_steps
-        if (s + 1) % args.ckpt_every == 0 or last:
-            _save(ckpt, {"stage": "sdxl", "step": s + 1, "vae": vae_p, "scaling": scaling, "params": params,
-                         "ema": ema, "opt": serialization.to_state_dict(opt_state)})
-        if args.export and ((s + 1) % args.export_every == 0 or last):
-            export(args.export, {"vae": vae_p, **(params if args.export_raw else ema)}, scaling)
-            say(f"exported {'raw' if args.export_raw else 'EMA'} weights at step {s + 1} to {args.export}")
-    if args.export and step0 >= args.unet_steps:  # a finished run: export its checkpoint again
-        export(args.export, {"vae": vae_p, **(params if args.export_raw else ema)}, scaling)
-        say(f"exported {'raw' if args.export_raw else 'EMA'} weights of the finished run (step {step0}) to {args.export}")
+    _unet_stage(args, state, ckpt, say, dict(unet=unet, vae=vae, text=text, text_2=text_2), "sdxl", "sdxl unet",
+                lambda caps, dropped: (captions(caps), captions_2(caps), dropped))
 
 
 def finetune_decoder(args) -> None:
@@ -475,7 +462,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--export-every", type=int, default=2000)
     ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--export-raw", action="store_true", help="--sdxl: export the raw weights, not the EMA (a short run "
+    ap.add_argument("--export-raw", action="store_true", help="export the raw weights, not the EMA (a short run "
                     "from a warm start: after n steps an EMA of decay d still holds d**n of the starting weights)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sdxl", action="store_true", help="stage 2 of the SDXL-shaped toy (config.UNET_XL, two text "
