@@ -334,8 +334,7 @@ def edit_spec(pipe: Pipeline, inv: Inversion, targets: Sequence[str], *, control
     controller = controller or auto_controller(source, targets)
     n, latent = inv.timesteps.shape[0], inv.x_T.shape[1]
     static, arr = compile_controller(pipe, controller, source, targets, n, latent, inv.method == "direct")
-    emb, null = pipe.encode_with_null(targets) if targets else pipe.encode_with_null([source])
-    emb = cnd.take(emb, slice(0, len(targets)))
+    emb, null = pipe.encode_with_null(targets)  # no targets: (0, L, D) and the null
     return EditSpec(static, arr, jax.device_get(emb), jax.device_get(cnd.take(null, 0)), edit)
 
 
