@@ -13,7 +13,7 @@ VAE encoder and the text encoder are NOT in the timing; both sides get the same 
     one image at a time. The UNet weights are frozen (`requires_grad_(False)`), the stronger
     baseline; `--torch-weight-grads` keeps the notebook's weight gradients (~1.3-1.5x slower
     backward passes on CPU).
-  * nti-jax: `nti_jax.inversion.invert_program(Denoiser, InvertInputs)`, the jitted pivot + optimisation program of
+  * nti-jax: `nti_jax.core.inversion.invert_program(Denoiser, InvertInputs)`, the jitted pivot + optimisation program of
     `nti_jax.invert`, early stop in a `lax.while_loop`.
 Both load the same diffusers folder (`nti_jax.load_pipeline` / `UNet2DConditionModel`).
 
@@ -394,7 +394,7 @@ class JaxImpl:
         import jax.numpy as jnp
 
         import nti_jax
-        from nti_jax import inversion
+        from nti_jax.core import inversion
 
         self.jax, self.jnp, self.nti, self.inv = jax, jnp, nti_jax, inversion
         self.dtype = dtype
@@ -446,7 +446,7 @@ class JaxImpl:
 
     def run(self, num_steps: int, num_inner_steps: int, early_stop_epsilon: float, keep: bool = False) -> dict:
         inv, jax = self.inv, self.jax
-        from nti_jax.sampling import Denoiser, model_schedule
+        from nti_jax.core.sampling import Denoiser, model_schedule
 
         jnp = self.jnp
         inputs = inv.InvertInputs(self.z0, self.cond, self.null, model_schedule(self.pipe, num_steps), jnp.float32(GUIDANCE),
@@ -467,7 +467,7 @@ class JaxImpl:
 
     def flops(self) -> dict:
         """XLA's FLOP count of one UNet forward (B = 1, 2) and one forward+backward w.r.t. the context."""
-        from nti_jax.sampling import Denoiser
+        from nti_jax.core.sampling import Denoiser
 
         jax, jnp, pipe = self.jax, self.jnp, self.pipe
         cfg = pipe.unet.config

@@ -21,7 +21,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nti_jax.io import psnr  # noqa: E402
-from nti_jax.manifest import DEFAULT_MANIFEST  # noqa: E402
+from nti_jax.run.manifest import DEFAULT_MANIFEST  # noqa: E402
 from nti_jax.toy import shapes  # noqa: E402
 
 

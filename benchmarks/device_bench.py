@@ -90,8 +90,9 @@ def random_inputs(model, batch: int, steps: int):
     import jax.numpy as jnp
 
     from benchmarks import memory
-    from nti_jax import inversion, testing
-    from nti_jax.schedule import Schedule, ddim_schedule
+    from nti_jax.core import inversion
+    from nti_jax import testing
+    from nti_jax.core.schedule import Schedule, ddim_schedule
 
     s, ch, _ = memory._dims(model)
     keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
@@ -109,7 +110,7 @@ def _device_free_bytes() -> int | None:
 
 
 def _compile(lowered) -> tuple:
-    from nti_jax import planning
+    from nti_jax.core import planning
 
     t = time.time()
     compiled = lowered.compile()
@@ -150,7 +151,7 @@ def run_invert(model_kind: str, dtype: str, batch: int, steps: int, inner: int, 
     import jax
     import jax.numpy as jnp
 
-    from nti_jax import inversion
+    from nti_jax.core import inversion
 
     model = random_model(model_kind, dtype)
     inputs = random_inputs(model, batch, steps)
@@ -240,7 +241,7 @@ def run_torch(model_kind: str, steps: int, inner: int) -> dict:
 def run_point(name: str, kind: str, settings: dict, a) -> dict:
     import jax
 
-    from nti_jax import parallel
+    from nti_jax.core import parallel
 
     parallel.enable_compilation_cache(os.path.join(a.cache, "jax-cache"))
     model = "tiny" if a.dry_run else settings.get("model", a.model)

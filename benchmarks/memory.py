@@ -34,10 +34,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from nti_jax import inversion, pipeline  # noqa: E402
-from nti_jax.conditioning import TextCond  # noqa: E402
-from nti_jax.sampling import Denoiser  # noqa: E402
-from nti_jax.schedule import Schedule  # noqa: E402
+from nti_jax.core import inversion
+from nti_jax.loading import pipeline  # noqa: E402
+from nti_jax.core.conditioning import TextCond  # noqa: E402
+from nti_jax.core.sampling import Denoiser  # noqa: E402
+from nti_jax.core.schedule import Schedule  # noqa: E402
 
 GIB = 2**30
 CHIPS_GIB = (16, 32, 80, 141)
@@ -147,8 +148,8 @@ def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool =
     shape run) of `rows` prompts each (Replace + LocalBlend); with `concrete`, also random
     arguments to call its compiled form with (device_bench.py)."""
     import nti_jax
-    from nti_jax import p2p
-    from nti_jax.pipeline import load_tokenizer
+    from nti_jax.core import p2p
+    from nti_jax.loading.pipeline import load_tokenizer
 
     s, ch, d = _dims(model)
     tok = load_tokenizer(os.path.join(os.path.dirname(nti_jax.__file__), "toy", "model", "tokenizer"))
@@ -168,7 +169,7 @@ def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool =
     if not concrete:
         return lowered
     from nti_jax import testing
-    from nti_jax.schedule import ddim_schedule
+    from nti_jax.core.schedule import ddim_schedule
 
     keys = iter(jax.random.split(jax.random.PRNGKey(2), 8))
     normal = lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
@@ -372,7 +373,7 @@ def remat_times(channels, sample: int, steps: int, inner: int, repeats: int) -> 
                                     module.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), ctx)["params"])
     model = Denoiser(params, module, "epsilon")
     from nti_jax import testing
-    from nti_jax.schedule import ddim_schedule
+    from nti_jax.core.schedule import ddim_schedule
 
     sched = Schedule(*map(jnp.asarray, ddim_schedule(testing.SD1_SCHEDULER, steps)))
     emb = lambda seed: jnp.asarray(np.random.default_rng(seed).standard_normal((1, 77, 256)), jnp.float32)

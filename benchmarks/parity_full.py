@@ -92,8 +92,8 @@ def run_jax(name: str, out: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from nti_jax import convert, pipeline
-    from nti_jax.model_config import XL_WEIGHT_FILES
+    from nti_jax.loading import convert, pipeline
+    from nti_jax.loading.model_config import XL_WEIGHT_FILES
     from nti_jax.models import AutoencoderKL
 
     folder = os.path.join(out, name)

@@ -24,8 +24,8 @@ def main(folder: str) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     import nti_jax
-    from nti_jax.conditioning import TextCond
-    from nti_jax.sampling import Denoiser
+    from nti_jax.core.conditioning import TextCond
+    from nti_jax.core.sampling import Denoiser
     from nti_jax.testing import rel_err
 
     tp = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)

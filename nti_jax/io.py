@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from nti_jax.errors import ImageError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 MIN_SIDE = 8  # pixels of the centred square: less is not a picture (1x1 trackers, broken thumbnails)

@@ -9,7 +9,7 @@ import json
 import os
 from typing import Iterable, Optional
 
-from .io import atomic_path
+from nti_jax.io import atomic_path
 
 CHUNK = 1 << 20
 

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .toy import config as toy_config
+from nti_jax.toy import config as toy_config
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "toy", "model", "tokenizer")
 
@@ -165,7 +165,7 @@ def _unet_call(model, x, t, context):
 
 def unet_output(pipe, latents, timestep, context) -> jax.Array:
     """The pipeline's raw UNet output (eps or v) for NHWC `latents`, one jitted call (tests)."""
-    from .sampling import Denoiser
+    from nti_jax.core.sampling import Denoiser
 
     return _unet_call(Denoiser.of(pipe), jnp.asarray(latents, jnp.float32), jnp.asarray(timestep), jnp.asarray(context, jnp.float32))
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import nti_jax
-from nti_jax import parallel, testing
+from nti_jax.core import parallel
+from nti_jax import testing
 
 # Tiny tensors on a 2-core machine: one intra-op thread is faster and steadier.
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The command line (nti_jax.cli / scripts/invert.py) on a tiny random model.
+"""The command line (nti_jax.run.cli / scripts/invert.py) on a tiny random model.
 
 In-process runs share one compiled program (5 steps, 2 images per device); the 4-device and the
 two-process runs are subprocesses, since XLA flags and jax.distributed must be set before JAX
@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 import nti_jax
-from nti_jax import cli, driver, manifest, records, testing
+from nti_jax.run import cli, driver, manifest
+from nti_jax import records, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

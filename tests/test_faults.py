@@ -28,7 +28,9 @@ from PIL import Image
 
 import nti_jax
 import nti_jax.io
-from nti_jax import cli, ledger, manifest, p2p, records, testing
+from nti_jax.run import cli, ledger, manifest
+from nti_jax.core import p2p
+from nti_jax import records, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

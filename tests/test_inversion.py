@@ -7,7 +7,8 @@ import torch
 
 import nti_jax
 from benchmarks import torch_reference as tr
-from nti_jax import inversion, testing
+from nti_jax.core import inversion
+from nti_jax import testing
 from nti_jax.testing import rel_err as rel
 from nti_jax.errors import ImageError, PromptError
 

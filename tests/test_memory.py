@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import nti_jax
-from nti_jax import inversion
+from nti_jax.core import inversion
 from nti_jax.models.unet import REMAT_MODES
-from nti_jax.sampling import Denoiser
+from nti_jax.core.sampling import Denoiser
 from nti_jax.testing import rel_err
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

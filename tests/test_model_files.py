@@ -16,7 +16,8 @@ import pytest
 from safetensors import SafetensorError, safe_open
 
 import nti_jax
-from nti_jax import convert, testing
+from nti_jax.loading import convert
+from nti_jax import testing
 from nti_jax.errors import ModelError
 
 TOY = os.path.join(os.path.dirname(nti_jax.__file__), "toy", "model")
@@ -328,7 +329,7 @@ def test_damaged_pickle_with_allow_pickle(tmp_path):
 def test_cli_exits_2_with_one_line(tiny, tmp_path, capsys):
     from PIL import Image
 
-    from nti_jax.cli import main
+    from nti_jax.run.cli import main
 
     folder = _copy(tiny, tmp_path)
     _truncate_half(os.path.join(folder, VAE))

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from nti_jax import convert, testing
+from nti_jax.loading import convert
+from nti_jax import testing
 from nti_jax.testing import rel_err
-from nti_jax.models import (
-    AutoencoderKL,
-    CLIPTextConfig,
-    CLIPTextModel,
-    UNet2DConditionModel,
-    UNetConfig,
-    VAEConfig,
-)
+from nti_jax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 
 
 def _init_shapes(module, *args):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax import heatmaps, p2p, testing
+from nti_jax.core import heatmaps, p2p
+from nti_jax import testing
 from nti_jax.errors import PromptError
 
 SRC = "a red circle on a blue background"
@@ -67,14 +68,14 @@ def test_one_compile_per_prompt_batch_shape(pipe, inv):
 def test_local_blend_keeps_the_source_outside_the_mask(pipe, inv):
     target = "a green circle on a blue background"
     cond = jnp.concatenate([inv.cond_embeddings, pipe.encode_prompt([target])])
-    sched = nti_jax.sampling.inversion_schedule(pipe, inv)
+    sched = nti_jax.core.sampling.inversion_schedule(pipe, inv)
 
     def run(threshold):
         ctrl = nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], threshold=threshold, start=0.2))
         static, arr = p2p.compile_controller(pipe, ctrl, SRC, [target], 10, 16, False)
         inputs = p2p.EditInputs(sched, inv.x_T, cond[None], inv.null_embeddings, inv.pivots, np.float32([7.5]))
         one = jax.tree_util.tree_map(lambda a: a[None], arr)  # the program's leading image axis
-        z, maps = p2p._edit_program(nti_jax.sampling.Denoiser.of(pipe), one, inputs, static=static, edit=True)
+        z, maps = p2p._edit_program(nti_jax.core.sampling.Denoiser.of(pipe), one, inputs, static=static, edit=True)
         return np.asarray(z[0]), np.asarray(p2p._blend_mask(static, arr, jnp.asarray(maps[0]) * 10, 16))[1, ..., 0]
 
     # A random model's attention is nearly flat: pick a threshold that gives a partial mask.

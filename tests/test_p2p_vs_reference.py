@@ -20,11 +20,13 @@ import torch
 import nti_jax
 from benchmarks import p2p_reference as ref
 from benchmarks import torch_reference as tr
-from nti_jax import p2p, pie_bench, seq_aligner, testing
+from nti_jax.core import p2p, seq_aligner
+from nti_jax.pie import bench as pie_bench
+from nti_jax import testing
 from nti_jax.errors import PromptError
-from nti_jax.inversion import Inversion
-from nti_jax.sampling import model_schedule
-from nti_jax.settings import InvertSettings
+from nti_jax.core.inversion import Inversion
+from nti_jax.core.sampling import model_schedule
+from nti_jax.core.settings import InvertSettings
 
 pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
 

@@ -1,4 +1,4 @@
-"""nti_jax.parallel: the sharded inversion program, host shares, cache settings.
+"""nti_jax.core.parallel: the sharded inversion program, host shares, cache settings.
 
 The multi-device and multi-process runs themselves are exercised end to end in test_cli.py
 (subprocesses, since XLA flags and jax.distributed must be set before JAX starts).
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax import inversion, p2p, parallel, testing
+from nti_jax.core import inversion, p2p, parallel
+from nti_jax import testing
 from nti_jax.testing import rel_err
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]

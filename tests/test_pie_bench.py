@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nti_jax import cli
-from nti_jax import pie_bench as pb
-from nti_jax import pie_metrics as pm
+from nti_jax.run import cli
+from nti_jax.pie import bench as pb
+from nti_jax.pie import metrics as pm
 from nti_jax.toy import pie_layout, shapes
 
 EDIT = {"kind": "refine", "cross_replace_steps": 0.4, "self_replace_steps": 0.6}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nti_jax
-from nti_jax import pipeline as pl
+from nti_jax.loading import pipeline as pl
 from nti_jax import testing
 from nti_jax.errors import ModelError, PromptTruncatedWarning
 
@@ -175,7 +175,7 @@ def test_wrong_shapes_list_the_keys(sd1_folder, tmp_path):
 def test_missing_and_unexpected_keys_are_listed(sd1_folder, tmp_path):
     from safetensors.numpy import save_file
 
-    from nti_jax.convert import read_safetensors
+    from nti_jax.loading.convert import read_safetensors
 
     folder = str(tmp_path / "m")
     shutil.copytree(sd1_folder, folder)
@@ -192,7 +192,7 @@ def test_pickle_only_folder_refused_unless_opted_in(sd1_folder, tmp_path):
     folder = str(tmp_path / "m")
     shutil.copytree(sd1_folder, folder)
     vae_dir = os.path.join(folder, "vae")
-    from nti_jax.convert import read_safetensors
+    from nti_jax.loading.convert import read_safetensors
 
     state = read_safetensors(os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"))[0]
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, os.path.join(vae_dir, "diffusion_pytorch_model.bin"))

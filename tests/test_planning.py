@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax import inversion, parallel, planning
+from nti_jax.core import inversion, parallel, planning
 from nti_jax.testing import rel_err
 
 NEED = {"none": 10, "blocks": 6, "full": 4}  # bytes per image of fake programs, over a base of 10

@@ -26,9 +26,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nti_jax import cli, report
+import nti_jax
+from nti_jax.run import cli
+from nti_jax.report import html as report
 
-SAMPLES = os.path.join(os.path.dirname(cli.__file__), "toy", "samples")
+SAMPLES = os.path.join(os.path.dirname(nti_jax.__file__), "toy", "samples")
 SCRIPT_PROMPT = 'a <script>throw new Error("injected by a prompt")</script> & "quoted" thing'
 CHROMIUM = os.environ.get("NTI_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [

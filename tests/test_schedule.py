@@ -12,9 +12,11 @@ import pytest
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from nti_jax import cli, load_pipeline, pie_bench, testing
-from nti_jax.sampling import model_schedule
-from nti_jax.schedule import ddim_schedule
+from nti_jax.run import cli
+from nti_jax import load_pipeline, testing
+from nti_jax.pie import bench as pie_bench
+from nti_jax.core.sampling import model_schedule
+from nti_jax.core.schedule import ddim_schedule
 
 RTOL = 1e-5
 # CompVis/stable-diffusion-v1-4's scheduler/scheduler_config.json, the model PIE-Bench runs.

@@ -13,9 +13,9 @@ import torch
 
 import nti_jax
 from benchmarks import torch_reference as tr
-from nti_jax.conditioning import TextCond
+from nti_jax.core.conditioning import TextCond
 from nti_jax.errors import ModelError
-from nti_jax.sampling import Denoiser
+from nti_jax.core.sampling import Denoiser
 from nti_jax.testing import rel_err as rel
 
 PROMPT = "a red circle on a blue background"

@@ -1,4 +1,4 @@
-"""Hand-worked checks of nti_jax.seq_aligner with the real CLIP BPE tokenizer.
+"""Hand-worked checks of nti_jax.core.seq_aligner with the real CLIP BPE tokenizer.
 
 Token ids used below (CLIP BPE, checked in ``test_tokenization_assumptions``):
 bos 49406, eos 49407, "a" 320, "cat" 2368, "black" 1449; every plain English word
@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from nti_jax.seq_aligner import (
+from nti_jax.core.seq_aligner import (
     PromptError,
     align_sequences,
     check_length,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax import inversion, p2p, sampling, testing
+from nti_jax.core import inversion, p2p, sampling
+from nti_jax import testing
 
 pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
 

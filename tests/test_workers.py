@@ -1,4 +1,4 @@
-"""Several workers on one output folder (nti_jax.claims, nti_jax.ledger), through scripts/invert.py.
+"""Several workers on one output folder (nti_jax.run.claims, nti_jax.run.ledger), through scripts/invert.py.
 
 Three workers split nine images, each done exactly once; a worker killed with -9 mid-image leaves
 its claim to another; a worker with other settings is refused while one runs. The subprocesses
@@ -15,7 +15,8 @@ import time
 import pytest
 from PIL import Image
 
-from nti_jax import claims, cli, ledger, manifest, records, testing
+from nti_jax.run import claims, cli, ledger, manifest
+from nti_jax import records, testing
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

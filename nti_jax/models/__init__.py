@@ -1,9 +1,9 @@
 """Flax networks of Stable Diffusion, channels-last, with no I/O."""
 
-from .attention import AttentionHook, AttentionPlace
-from .clip_text import CLIPTextConfig, CLIPTextModel
-from .unet import UNet2DConditionModel, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from nti_jax.models.attention import AttentionHook, AttentionPlace
+from nti_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from nti_jax.models.unet import UNet2DConditionModel, UNetConfig
+from nti_jax.models.vae import AutoencoderKL, VAEConfig
 
 __all__ = [
     "AttentionHook",

@@ -25,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .backend import kernel_choice
-from .resnet import tag
+from nti_jax.models.backend import kernel_choice
+from nti_jax.models.resnet import tag
 
 
 class AttentionPlace(NamedTuple):

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from .backend import kernel_choice
-from .norms import GroupNorm
+from nti_jax.models.backend import kernel_choice
+from nti_jax.models.norms import GroupNorm
 
 
 _DN = ("NHWC", "HWIO", "NHWC")

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import Attention, AttentionHook, AttentionPlace
-from .norms import GroupNorm, LayerNorm
-from .resnet import MATMUL, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, conv, tag
+from nti_jax.models.attention import Attention, AttentionHook, AttentionPlace
+from nti_jax.models.norms import GroupNorm, LayerNorm
+from nti_jax.models.resnet import MATMUL, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, conv, tag
 
 # Rematerialisation of the UNet's blocks (each ResnetBlock2D and Transformer2D) in a gradient:
 # "none" keeps every intermediate autodiff needs; "blocks" keeps only the outputs of the

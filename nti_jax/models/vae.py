@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import Attention
-from .norms import GroupNorm
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
+from nti_jax.models.attention import Attention
+from nti_jax.models.norms import GroupNorm
+from nti_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 
 
 @dataclasses.dataclass(frozen=True)

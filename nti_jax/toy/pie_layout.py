@@ -33,9 +33,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .. import pie_bench
-from ..io import atomic_path
-from . import shapes
+from nti_jax.pie import bench as pie_bench
+from nti_jax.io import atomic_path
+from nti_jax.toy import shapes
 
 FOLDERS = {"0": "0_random_140", "1": "1_change_object_80", "6": "6_change_attribute_color_40", "8": "8_change_background_80"}
 SEED_BASE = 2_100_000_000

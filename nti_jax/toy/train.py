@@ -23,12 +23,12 @@ import numpy as np
 import optax
 from flax import serialization
 
-from .. import conditioning as cnd
-from .. import pipeline as pl
-from ..models import AutoencoderKL
-from ..schedule import train_alphas_cumprod
-from . import config as toy
-from .shapes import render_batch
+from nti_jax.core import conditioning as cnd
+from nti_jax.loading import pipeline as pl
+from nti_jax.models import AutoencoderKL
+from nti_jax.core.schedule import train_alphas_cumprod
+from nti_jax.toy import config as toy
+from nti_jax.toy.shapes import render_batch
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "model", "tokenizer")
 EVAL_SEED0 = 1_000_000_000  # held-out images use seeds from here; training seeds stay below
@@ -132,7 +132,7 @@ def make_unet_step(unet, vae, text, opt, scaling: float, ema_decay: float, offse
     def predict(p, zt, t, ids):
         if text_2 is None:
             return unet.apply({"params": p["unet"]}, zt, t, text.apply({"params": p["text_encoder"]}, ids))
-        from ..sampling import Denoiser
+        from nti_jax.core.sampling import Denoiser
 
         ids, ids_2, dropped = ids
         cond = pl._encode_prompt_xl(text, text_2, p["text_encoder"], p["text_encoder_2"], ids, ids_2)

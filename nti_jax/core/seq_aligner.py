@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PromptError
+from nti_jax.errors import PromptError
 
 __all__ = [
     "PromptError",

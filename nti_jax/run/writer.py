@@ -10,9 +10,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import OptimisationError
-from .io import atomic_path, save_png
-from .records import file_record, write_json
+from nti_jax.errors import OptimisationError
+from nti_jax.io import atomic_path, save_png
+from nti_jax.records import file_record, write_json
 
 INVERSION = "inversion.safetensors"
 INPUT = "input.png"

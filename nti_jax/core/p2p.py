@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from . import seq_aligner as sa
-from .controllers import (  # noqa: F401  (the public names stay importable from here)
+from nti_jax.core import seq_aligner as sa
+from nti_jax.core.controllers import (
     GUIDANCE,
     SETTINGS_KEYS,
     Controller,
@@ -36,14 +36,14 @@ from .controllers import (  # noqa: F401  (the public names stay importable from
     controller_from_settings,
     window,
 )
-from . import conditioning as cnd
-from .conditioning import Cond
-from .errors import NtiError, PromptError
-from .inversion import Inversion
-from .models import AttentionPlace
-from .pipeline import Pipeline
-from .sampling import Denoiser, guide, inversion_schedule
-from .schedule import Schedule, denoise_step
+from nti_jax.core import conditioning as cnd
+from nti_jax.core.conditioning import Cond
+from nti_jax.errors import NtiError, PromptError
+from nti_jax.core.inversion import Inversion
+from nti_jax.models import AttentionPlace
+from nti_jax.loading.pipeline import Pipeline
+from nti_jax.core.sampling import Denoiser, guide, inversion_schedule
+from nti_jax.core.schedule import Schedule, denoise_step
 
 
 @dataclasses.dataclass(frozen=True)

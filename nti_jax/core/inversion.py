@@ -24,16 +24,16 @@ import optax
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from . import conditioning as cnd
-from . import planning
-from .conditioning import Cond, TextCond
-from .errors import NtiError, PromptError
-from .io import ImageLike, atomic_path, load_image
-from .models.unet import REMAT_MODES
-from .pipeline import Pipeline
-from .sampling import Denoiser, guide, model_schedule
-from .schedule import Schedule, denoise_step, invert_step
-from .settings import METHODS, InvertSettings
+from nti_jax.core import conditioning as cnd
+from nti_jax.core import planning
+from nti_jax.core.conditioning import Cond, TextCond
+from nti_jax.errors import NtiError, PromptError
+from nti_jax.io import ImageLike, atomic_path, load_image
+from nti_jax.models.unet import REMAT_MODES
+from nti_jax.loading.pipeline import Pipeline
+from nti_jax.core.sampling import Denoiser, guide, model_schedule
+from nti_jax.core.schedule import Schedule, denoise_step, invert_step
+from nti_jax.core.settings import METHODS, InvertSettings
 
 FORMAT_VERSION = "1"
 BATCHED_FIELDS = ("x_T", "pivots", "null_embeddings", "cond_embeddings", "inner_iterations", "final_losses", "nonfinite")
@@ -109,7 +109,7 @@ class Inversion:
 
     @classmethod
     def load(cls, path: str) -> "Inversion":
-        from .convert import read_safetensors
+        from nti_jax.loading.convert import read_safetensors
 
         try:
             tensors, meta = read_safetensors(path)

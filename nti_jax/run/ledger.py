@@ -22,11 +22,11 @@ import sys
 import time
 from typing import Iterator, Optional, Sequence
 
-from .claims import Claims, Heartbeat, Worker, alive
-from .errors import UsageError, one_line
-from .manifest import Item
-from .records import damage, read_json, read_jsonl, write_json, write_jsonl
-from .writer import INPUT, INVERSION, RECONSTRUCTION, RECORD, edit_file
+from nti_jax.run.claims import Claims, Heartbeat, Worker, alive
+from nti_jax.errors import UsageError, one_line
+from nti_jax.run.manifest import Item
+from nti_jax.records import damage, read_json, read_jsonl, write_json, write_jsonl
+from nti_jax.run.writer import INPUT, INVERSION, RECONSTRUCTION, RECORD, edit_file
 
 RUN_DIR = ".nti-run"
 STATUSES = ("done", "skipped", "failed", "pending")

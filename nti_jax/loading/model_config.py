@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any, Callable
 
-from .errors import ModelError
+from nti_jax.errors import ModelError
 
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 # SDXL adds OpenCLIP bigG with its projection (and tokenizer_2).

@@ -21,11 +21,11 @@ import sys
 import time
 from typing import Optional
 
-from .errors import NtiError
-from .io import atomic_path
-from .report_page import CSS, JS, Page, duration, esc, kv_rows
-from .records import read_json, read_jsonl
-from .report_rows import STATUSES, number, table_html
+from nti_jax.errors import NtiError
+from nti_jax.io import atomic_path
+from nti_jax.report.page import CSS, JS, Page, duration, esc, kv_rows
+from nti_jax.records import read_json, read_jsonl
+from nti_jax.report.rows import STATUSES, number, table_html
 
 REPORT_NAME = "index.html"
 SETTING_KEYS = (  # run.json "args" shown at the top, in this order

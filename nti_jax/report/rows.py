@@ -9,8 +9,8 @@ import math
 import os
 from typing import Optional
 
-from .records import read_json
-from .report_page import Page, data_num, db, duration, esc
+from nti_jax.records import read_json
+from nti_jax.report.page import Page, data_num, db, duration, esc
 
 STATUSES = ("done", "skipped", "failed", "pending")
 HEAD_CELLS = (  # (data-key, data-type, label) of the table's columns; the process column only when multi-host

@@ -8,9 +8,9 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from .models.unet import REMAT_MODES
-from .pipeline import DTYPES
-from .settings import InvertSettings
+from nti_jax.models.unet import REMAT_MODES
+from nti_jax.loading.pipeline import DTYPES
+from nti_jax.core.settings import InvertSettings
 
 # field -> flag, for the inversion settings, the edit defaults and the run options
 SETTING_FLAGS = {"method": "--method", "num_steps": "--steps", "guidance_scale": "--guidance",

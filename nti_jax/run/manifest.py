@@ -17,10 +17,10 @@ import os
 import re
 from typing import Optional, Sequence
 
-from .errors import UsageError
-from .p2p import SETTINGS_KEYS, controller_from_settings
+from nti_jax.errors import UsageError
+from nti_jax.core.p2p import SETTINGS_KEYS, controller_from_settings
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # nti_jax/
 DEFAULT_MANIFEST = os.path.join(PACKAGE_DIR, "toy", "samples", "samples.jsonl")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EDIT_KEYS = ("prompt",) + SETTINGS_KEYS

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .io import atomic_path, to_uint8
+from nti_jax.io import atomic_path, to_uint8
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from nti_jax.loading.pipeline import Pipeline
 
 
 def token_labels(pipe: Pipeline, prompt: str) -> list[str]:

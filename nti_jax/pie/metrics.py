@@ -13,8 +13,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .io import atomic_path
-from .pie_bench import FRAME, PNP_METHODS, TYPES, _result, load_mapping, mask_decode, pnp_image_path, strip_brackets
+from nti_jax.io import atomic_path
+from nti_jax.pie.bench import (
+    FRAME,
+    PNP_METHODS,
+    TYPES,
+    _result,
+    load_mapping,
+    mask_decode,
+    pnp_image_path,
+    strip_brackets,
+)
 
 METRICS = ("psnr", "mse", "ssim")  # on the unedited part
 MODEL_METRICS = ("lpips", "structure_distance", "clip_whole", "clip_edited")

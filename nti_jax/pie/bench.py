@@ -29,8 +29,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .io import atomic_path, load_image
-from .records import read_json, write_jsonl
+from nti_jax.io import atomic_path, load_image
+from nti_jax.records import read_json, write_jsonl
 
 FRAME = 512  # PIE-Bench images and masks are 512x512
 TYPES = {

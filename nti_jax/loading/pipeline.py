@@ -20,19 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import conditioning as cnd
-from .conditioning import Cond, TextCond
-from .convert import from_torch_layout, load_state
-from .model_config import CONFIG_ADVICE, check_folder, model_family, read_configs, weight_files
-from .errors import ModelError, PromptError, PromptTruncatedWarning
-from .models import (
-    AutoencoderKL,
-    CLIPTextConfig,
-    CLIPTextModel,
-    UNet2DConditionModel,
-    UNetConfig,
-    VAEConfig,
-)
+from nti_jax.core import conditioning as cnd
+from nti_jax.core.conditioning import Cond, TextCond
+from nti_jax.loading.convert import from_torch_layout, load_state
+from nti_jax.loading.model_config import CONFIG_ADVICE, check_folder, model_family, read_configs, weight_files
+from nti_jax.errors import ModelError, PromptError, PromptTruncatedWarning
+from nti_jax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _COMPONENT_FILES = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
@@ -379,7 +372,7 @@ def save_pipeline(folder: str, configs: dict, params: dict, scheduler_config: di
 
     from safetensors.numpy import save_file
 
-    from .convert import to_torch_layout
+    from nti_jax.loading.convert import to_torch_layout
 
     xl = "text_encoder_2" in configs
     for k, base in weight_files("sdxl" if xl else "sd").items():

@@ -22,18 +22,18 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from . import heatmaps, p2p
-from .errors import NtiError, PromptError, PromptTruncatedWarning, one_line
-from .inversion import Inversion
-from .io import load_image
-from .ledger import Ledger, State
-from .manifest import Item
-from .parallel import Batch, FileBarrier, ShardedInverter, host_share, per_device_batch
-from .pipeline import Pipeline
-from .records import damage
-from .run_config import RunConfig
-from .runs import add_reconstruction, image_metrics
-from .writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, edit_file
+from nti_jax.core import heatmaps, p2p
+from nti_jax.errors import NtiError, PromptError, PromptTruncatedWarning, one_line
+from nti_jax.core.inversion import Inversion
+from nti_jax.io import load_image
+from nti_jax.run.ledger import Ledger, State
+from nti_jax.run.manifest import Item
+from nti_jax.core.parallel import Batch, FileBarrier, ShardedInverter, host_share, per_device_batch
+from nti_jax.loading.pipeline import Pipeline
+from nti_jax.records import damage
+from nti_jax.run.config import RunConfig
+from nti_jax.run.keys import add_reconstruction, image_metrics
+from nti_jax.run.writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, edit_file
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Optional
 
-from .records import read_json, write_json
+from nti_jax.records import read_json, write_json
 
 HOST = socket.gethostname()
 

@@ -30,14 +30,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import p2p, planning
-from .inversion import (
-    Inversion, InvertInputs, abstract_inputs, assemble, check_remat, cond_shapes, invert_core, plan_program, prepare_inputs,
+from nti_jax.core import p2p, planning
+from nti_jax.core.inversion import (
+    Inversion,
+    InvertInputs,
+    abstract_inputs,
+    assemble,
+    check_remat,
+    cond_shapes,
+    invert_core,
+    plan_program,
+    prepare_inputs,
 )
-from .planning import pad_rows
-from .pipeline import Pipeline, decode_with
-from .sampling import Denoiser, inversion_schedule, sample_core
-from .settings import InvertSettings
+from nti_jax.core.planning import pad_rows
+from nti_jax.loading.pipeline import Pipeline, decode_with
+from nti_jax.core.sampling import Denoiser, inversion_schedule, sample_core
+from nti_jax.core.settings import InvertSettings
 
 AXIS = "batch"
 BARRIER_TIMEOUT_S = 7 * 24 * 3600.0

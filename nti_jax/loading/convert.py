@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
-from .errors import ModelError
+from nti_jax.errors import ModelError
 
 _ST_DTYPES = {
     "F64": np.float64,

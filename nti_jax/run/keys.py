@@ -15,10 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import psnr
-from .manifest import Item
-from .run_config import RunConfig
-from .settings import InvertSettings
+from nti_jax.io import psnr
+from nti_jax.run.manifest import Item
+from nti_jax.run.config import RunConfig
+from nti_jax.core.settings import InvertSettings
 
 
 def _hash(obj) -> str:

@@ -19,19 +19,20 @@ import sys
 import time
 from typing import Optional
 
-from . import parallel, pie_bench
-from .controllers import GUIDANCE
-from .driver import Driver
-from .errors import NtiError, UsageError, one_line
-from .inversion import REMAT_MODES
-from .ledger import Ledger, check_folder
-from .manifest import PACKAGE_DIR, Item, assign_names, check_items, collect_items
-from .pipeline import DTYPES, load_pipeline
-from .records import write_json
-from .run_config import EDIT_FLAGS, RUN_FLAGS, SETTING_FLAGS, RunConfig, flag_words
-from .runs import item_keys, model_fingerprint, run_key
-from .schedule import inference_timesteps
-from .settings import METHODS, InvertSettings
+from nti_jax.core import parallel
+from nti_jax.pie import bench as pie_bench
+from nti_jax.core.controllers import GUIDANCE
+from nti_jax.run.driver import Driver
+from nti_jax.errors import NtiError, UsageError, one_line
+from nti_jax.core.inversion import REMAT_MODES
+from nti_jax.run.ledger import Ledger, check_folder
+from nti_jax.run.manifest import PACKAGE_DIR, Item, assign_names, check_items, collect_items
+from nti_jax.loading.pipeline import DTYPES, load_pipeline
+from nti_jax.records import write_json
+from nti_jax.run.config import EDIT_FLAGS, RUN_FLAGS, SETTING_FLAGS, RunConfig, flag_words
+from nti_jax.run.keys import item_keys, model_fingerprint, run_key
+from nti_jax.core.schedule import inference_timesteps
+from nti_jax.core.settings import METHODS, InvertSettings
 
 PROG = "nti-invert"
 DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "toy", "model")
@@ -252,11 +253,11 @@ def _pie_items(rows: list[dict]) -> list[Item]:
 def _finish_run(rows: list[dict], info: dict, out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None) -> None:
     """A worker (process 0 of a multi-host run) after the merge: run.json's finish time, the
     PIE-Bench layout and metrics once no image is pending, and OUT/index.html."""
-    from .report import write_report
+    from nti_jax.report.html import write_report
 
     write_json(os.path.join(out, "run.json"), dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
     if pie_dir and not any(r.get("status") == "pending" for r in rows):
-        from .pie_metrics import evaluate
+        from nti_jax.pie.metrics import evaluate
 
         try:
             layout = pie_bench.write_pnp_layout(out, pie_dir, pie_rows)

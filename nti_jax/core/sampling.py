@@ -10,16 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from . import conditioning as cnd
-from .conditioning import Cond, TextCond
-from .errors import NtiError
-from .models import AttentionHook, UNet2DConditionModel
-from .pipeline import Pipeline
-from .schedule import Schedule, ddim_schedule, denoise_step, to_eps
-from .settings import InvertSettings
+from nti_jax.core import conditioning as cnd
+from nti_jax.core.conditioning import Cond, TextCond
+from nti_jax.errors import NtiError
+from nti_jax.models import AttentionHook, UNet2DConditionModel
+from nti_jax.loading.pipeline import Pipeline
+from nti_jax.core.schedule import Schedule, ddim_schedule, denoise_step, to_eps
+from nti_jax.core.settings import InvertSettings
 
 if TYPE_CHECKING:  # the type only: inversion imports this module
-    from .inversion import Inversion
+    from nti_jax.core.inversion import Inversion
 
 
 @struct.dataclass

@@ -1,0 +1,1 @@
+"""PIE-Bench: its layout (mapping file, masks, editing types) and its metrics."""
