@@ -241,9 +241,9 @@ def run_torch(model_kind: str, steps: int, inner: int) -> dict:
 def run_point(name: str, kind: str, settings: dict, a) -> dict:
     import jax
 
-    from nti_jax.core import parallel
+    from nti_jax.run import hosts
 
-    parallel.enable_compilation_cache(os.path.join(a.cache, "jax-cache"))
+    hosts.enable_compilation_cache(os.path.join(a.cache, "jax-cache"))
     model = "tiny" if a.dry_run else settings.get("model", a.model)
     row = dict(point=name, model=model, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                jax=jax.__version__)

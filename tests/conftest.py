@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nti_jax
-from nti_jax.core import parallel
+from nti_jax.run import hosts
 from nti_jax import testing
 
 # Tiny tensors on a 2-core machine: one intra-op thread is faster and steadier.
@@ -23,9 +23,9 @@ def compilation_cache(tmp_path_factory):
     path = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache")
     before = os.environ.get("NTI_JAX_CACHE_DIR")
     os.environ["NTI_JAX_CACHE_DIR"] = path
-    parallel.enable_compilation_cache(path)
+    hosts.enable_compilation_cache(path)
     yield path
-    parallel.enable_compilation_cache(None)
+    hosts.enable_compilation_cache(None)
     if before is None:
         os.environ.pop("NTI_JAX_CACHE_DIR", None)
     else:

@@ -10,6 +10,7 @@ import pytest
 
 import nti_jax
 from nti_jax.core import inversion, p2p, parallel
+from nti_jax.run import hosts
 from nti_jax import testing
 from nti_jax.testing import rel_err
 
@@ -89,7 +90,7 @@ def test_edits_of_a_batch_equal_edits_one_by_one(pipe, images):
 def test_host_share_splits_every_item_once():
     for n in (0, 1, 5, 6, 13):
         for procs in (1, 2, 3, 4):
-            shares = [parallel.host_share(n, p, procs) for p in range(procs)]
+            shares = [hosts.host_share(n, p, procs) for p in range(procs)]
             assert sorted(i for s in shares for i in s) == list(range(n))
             assert all(i % procs == p for p, s in enumerate(shares) for i in s)
 
@@ -112,23 +113,23 @@ def test_cache_dir_and_distributed_settings_from_the_environment(monkeypatch, tm
     for var in ("NTI_JAX_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert parallel.cache_dir_from_env() == str(tmp_path / ".cache" / "nti-jax" / "jax-cache")
+    assert hosts.cache_dir_from_env() == str(tmp_path / ".cache" / "nti-jax" / "jax-cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert parallel.cache_dir_from_env() == str(tmp_path / "xdg" / "nti-jax" / "jax-cache")
+    assert hosts.cache_dir_from_env() == str(tmp_path / "xdg" / "nti-jax" / "jax-cache")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
-    assert parallel.cache_dir_from_env() == str(tmp_path / "jax")
+    assert hosts.cache_dir_from_env() == str(tmp_path / "jax")
     monkeypatch.setenv("NTI_JAX_CACHE_DIR", str(tmp_path / "nti"))
-    assert parallel.cache_dir_from_env() == str(tmp_path / "nti")
-    assert parallel.cache_dir_from_env(str(tmp_path / "cli")) == str(tmp_path / "cli")
-    assert parallel.cache_dir_from_env("none") is None
+    assert hosts.cache_dir_from_env() == str(tmp_path / "nti")
+    assert hosts.cache_dir_from_env(str(tmp_path / "cli")) == str(tmp_path / "cli")
+    assert hosts.cache_dir_from_env("none") is None
     monkeypatch.setenv("NTI_JAX_CACHE_DIR", "off")
-    assert parallel.cache_dir_from_env() is None
+    assert hosts.cache_dir_from_env() is None
 
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
-    assert parallel.distributed_env() == {"coordinator_address": None, "num_processes": None, "process_id": None}
+    assert hosts.distributed_env() == {"coordinator_address": None, "num_processes": None, "process_id": None}
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
-    assert parallel.distributed_env() == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
-    parallel.FileBarrier(str(tmp_path), parallel.FileBarrier.new_token(), 0, 1).wait("one process: returns at once")
+    assert hosts.distributed_env() == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    hosts.FileBarrier(str(tmp_path), hosts.FileBarrier.new_token(), 0, 1).wait("one process: returns at once")

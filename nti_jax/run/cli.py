@@ -20,6 +20,7 @@ import time
 from typing import Optional
 
 from nti_jax.core import parallel
+from nti_jax.run import hosts
 from nti_jax.pie import bench as pie_bench
 from nti_jax.core.controllers import GUIDANCE
 from nti_jax.run.driver import Driver
@@ -315,7 +316,7 @@ def _check(args) -> int:
 def _run(args, cfg: RunConfig, argv: list[str]) -> int:
     import jax
 
-    env = parallel.distributed_env()
+    env = hosts.distributed_env()
     wanted = args.distributed or args.coordinator or args.num_processes or args.process_id is not None or env["coordinator_address"]
     if wanted:
         kw = {
@@ -324,11 +325,11 @@ def _run(args, cfg: RunConfig, argv: list[str]) -> int:
             "process_id": args.process_id if args.process_id is not None else env["process_id"],
         }
         try:
-            parallel.initialize_distributed(**kw)
+            hosts.initialize_distributed(**kw)
         except Exception as e:
             raise UsageError(f"cannot start jax.distributed ({one_line(e)}); set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or --coordinator/--num-processes/--process-id") from None
-    parallel.enable_compilation_cache(parallel.cache_dir_from_env(args.cache_dir))
-    pid, nproc = parallel.process_info()
+    hosts.enable_compilation_cache(hosts.cache_dir_from_env(args.cache_dir))
+    pid, nproc = hosts.process_info()
     pie_rows = _pie_rows(args)
     items = _pie_items(pie_rows) if pie_rows else collect_items(args.image, args.prompt, args.manifest, args.edit or [], args.no_edits)
     # the edit defaults are recorded in metrics.json and key the outputs
@@ -357,7 +358,7 @@ def _run(args, cfg: RunConfig, argv: list[str]) -> int:
         inference_timesteps(pipe.scheduler_config, cfg.settings.num_steps)
     except ValueError as e:
         raise UsageError(f"--steps: {e}") from None
-    barrier = parallel.FileBarrier(log.out, parallel.FileBarrier.new_token(), pid, nproc)
+    barrier = hosts.FileBarrier(log.out, hosts.FileBarrier.new_token(), pid, nproc)
     driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log)
     if pid != 0:
         return driver.run(barrier)

@@ -28,7 +28,8 @@ from nti_jax.core.inversion import Inversion
 from nti_jax.io import load_image
 from nti_jax.run.ledger import Ledger, State
 from nti_jax.run.manifest import Item
-from nti_jax.core.parallel import Batch, FileBarrier, ShardedInverter, host_share, per_device_batch
+from nti_jax.core.parallel import Batch, ShardedInverter, per_device_batch
+from nti_jax.run.hosts import FileBarrier, host_share
 from nti_jax.loading.pipeline import Pipeline
 from nti_jax.records import damage
 from nti_jax.run.config import RunConfig

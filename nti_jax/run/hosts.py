@@ -1,0 +1,129 @@
+"""Processes and hosts: distributed set-up, the persistent compilation cache, each host's share
+of the manifest, and a barrier in the shared output folder.
+
+* Several hosts (`jax.distributed`): every process takes the manifest items i with
+  i % num_processes == process_index (`host_share`) and inverts them on its own devices (no
+  cross-host collectives); the driver then meets the other processes at `FileBarrier` in the
+  shared output folder and process 0 merges their results files.
+* `enable_compilation_cache`: JAX's persistent compilation cache. Only process 0 writes entries;
+  on GPU the key ignores device ids, so with the cache on a shared filesystem every process
+  reuses them; on CPU and TPU the key holds the device ids of the process-local program, so
+  processes other than 0 compile on every run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+BARRIER_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def cache_dir_from_env(explicit: Optional[str] = None) -> Optional[str]:
+    """The persistent compilation cache folder: `explicit` (a path, or "" / "none" / "off" to
+    disable), else $NTI_JAX_CACHE_DIR, else $JAX_COMPILATION_CACHE_DIR, else
+    $XDG_CACHE_HOME/nti-jax/jax-cache (~/.cache/nti-jax/jax-cache)."""
+    value = explicit
+    if value is None:
+        value = os.environ.get("NTI_JAX_CACHE_DIR", os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+    if value is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        value = os.path.join(base, "nti-jax", "jax-cache")
+    if value.strip().lower() in ("", "none", "off", "0", "false"):
+        return None
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def enable_compilation_cache(path: Optional[str], min_compile_time_secs: float = 0.0) -> None:
+    """Turn on JAX's persistent compilation cache in `path` (None turns it off).
+
+    Every compiled program is stored (`min_compile_time_secs` 0 by default), so a second run of
+    the same job on the same machine compiles nothing. JAX never stores programs that contain
+    host callbacks (the inversion program with a step-progress callback is such a program).
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    current = jax.config.jax_compilation_cache_dir
+    if path is not None:
+        os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", path is not None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size floor
+    if path != current:
+        jax.config.update("jax_compilation_cache_dir", path)
+        cc.reset_cache()  # a cache opened earlier in this process at another path is closed
+
+
+def distributed_env() -> dict:
+    """`jax.distributed.initialize` arguments from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID (each None where unset: JAX then detects TPU pods, SLURM, Open MPI, k8s)."""
+    num = os.environ.get("JAX_NUM_PROCESSES")
+    pid = os.environ.get("JAX_PROCESS_ID")
+    return {
+        "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
+        "num_processes": int(num) if num else None,
+        "process_id": int(pid) if pid else None,
+    }
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, timeout_s: int = 300) -> None:
+    """`jax.distributed.initialize`, with arguments left None detected from the environment.
+
+    Must run before anything else touches a JAX backend. (On CPU the barrier's collective runs on
+    JAX's default gloo implementation.)
+    """
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_s,
+    )
+
+
+def process_info() -> tuple[int, int]:
+    """(process_index, process_count)."""
+    return jax.process_index(), jax.process_count()
+
+
+def host_share(n_items: int, process_index: int, process_count: int) -> list[int]:
+    """The manifest indices this process inverts: i % process_count == process_index."""
+    return [i for i in range(n_items) if i % process_count == process_index]
+
+
+class FileBarrier:
+    """Processes meeting in a folder they all share (the run's output folder), with no device
+    collective and no private JAX API: each process writes `<folder>/.nti-sync/<token>.<name>.<pid>`
+    and waits until every process's file is there. `token` (process 0's, broadcast at start with
+    `new_token`) keeps a rerun from meeting a previous run's files."""
+
+    def __init__(self, folder: str, token: str, process_index: int, process_count: int):
+        self.dir = os.path.join(folder, ".nti-sync")
+        self.token, self.pid, self.nproc = token, process_index, process_count
+
+    @staticmethod
+    def new_token() -> str:
+        """One token for the run, the same on every process (process 0's clock, broadcast)."""
+        from jax.experimental import multihost_utils
+
+        mine = np.int64(time.time_ns() % (2**62))
+        return format(int(multihost_utils.broadcast_one_to_all(mine)), "x") if jax.process_count() > 1 else format(int(mine), "x")
+
+    def wait(self, name: str, timeout_s: float = BARRIER_TIMEOUT_S, poll_s: float = 0.2) -> None:
+        """Arrive at barrier `name` and wait for the others (a no-op with one process)."""
+        if self.nproc == 1:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        path = lambda p: os.path.join(self.dir, f"{self.token}.{name}.{p}")
+        with open(path(self.pid), "w") as f:
+            f.write("arrived\n")
+        deadline = time.time() + timeout_s
+        while not all(os.path.exists(path(p)) for p in range(self.nproc)):
+            if time.time() > deadline:
+                raise TimeoutError(f"processes did not all reach {name!r} within {timeout_s:.0f} s")
+            time.sleep(poll_s)
