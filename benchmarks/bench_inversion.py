@@ -13,7 +13,7 @@ VAE encoder and the text encoder are NOT in the timing; both sides get the same 
     one image at a time. The UNet weights are frozen (`requires_grad_(False)`), the stronger
     baseline; `--torch-weight-grads` keeps the notebook's weight gradients (~1.3-1.5x slower
     backward passes on CPU).
-  * nti-jax: `nti_jax.core.inversion.invert_program(Denoiser, InvertInputs)`, the jitted pivot + optimisation program of
+  * nti-jax: `nti_jax.core.parallel.sharded_program` (mesh of one device), the jitted pivot + optimisation program of
     `nti_jax.invert`, early stop in a `lax.while_loop`.
 Both load the same diffusers folder (`nti_jax.load_pipeline` / `UNet2DConditionModel`).
 
@@ -394,9 +394,9 @@ class JaxImpl:
         import jax.numpy as jnp
 
         import nti_jax
-        from nti_jax.core import inversion
+        from nti_jax.core import null_text, parallel
 
-        self.jax, self.jnp, self.nti, self.inv = jax, jnp, nti_jax, inversion
+        self.jax, self.jnp, self.nti, self.inv, self.parallel = jax, jnp, nti_jax, null_text, parallel
         self.dtype = dtype
         self.dev = jax.devices()[0]
         self.rss = _RssMeter()
@@ -428,7 +428,7 @@ class JaxImpl:
             from nti_jax.toy import shapes
 
             samples = [shapes.render(TOY_SEED + k, pipe.image_size) for k in range(batch)]
-            ins = self.inv.prepare_inputs(pipe, [s.image for s in samples], [s.caption for s in samples], self.inv.InvertSettings(num_steps=1))
+            ins = self.inv.prepare_inputs(pipe, [s.image for s in samples], [s.caption for s in samples], self.nti.InvertSettings(num_steps=1))
             return {k: np.asarray(getattr(ins, k), np.float32) for k in ("z0", "cond", "null")}
         cfg = pipe.unet.config
         rng = np.random.default_rng(seed)
@@ -454,7 +454,8 @@ class JaxImpl:
         model = jax.block_until_ready(Denoiser.of(self.pipe))
         inputs = jax.block_until_ready(inputs)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(inv.invert_program(model, inputs, method="null-text"))
+        program = self.parallel.sharded_program(self.parallel.local_mesh([self.dev]), "null-text", None)
+        out = jax.block_until_ready(program(model, inputs))
         seconds = time.perf_counter() - t0
         pivots, phi, iters, losses, _ = out
         b = self.z0.shape[0]

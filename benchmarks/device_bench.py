@@ -90,7 +90,7 @@ def random_inputs(model, batch: int, steps: int):
     import jax.numpy as jnp
 
     from benchmarks import memory
-    from nti_jax.core import inversion
+    from nti_jax.core import null_text
     from nti_jax import testing
     from nti_jax.core.schedule import Schedule, ddim_schedule
 
@@ -98,7 +98,7 @@ def random_inputs(model, batch: int, steps: int):
     keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
     cond = lambda: jax.tree_util.tree_map(lambda a: jax.random.normal(next(keys), a.shape), memory.cond_spec(model, (batch,)))
     sched = Schedule(*map(jnp.asarray, ddim_schedule(testing.SD1_SCHEDULER, steps)))
-    return inversion.InvertInputs(jax.random.normal(next(keys), (batch, s, s, ch)), cond(), cond(), sched, jnp.float32(7.5),
+    return null_text.InvertInputs(jax.random.normal(next(keys), (batch, s, s, ch)), cond(), cond(), sched, jnp.float32(7.5),
                                   jnp.int32(1), jnp.float32(-1.0))
 
 
@@ -151,11 +151,11 @@ def run_invert(model_kind: str, dtype: str, batch: int, steps: int, inner: int, 
     import jax
     import jax.numpy as jnp
 
-    from nti_jax.core import inversion
+    from nti_jax.core import parallel
 
     model = random_model(model_kind, dtype)
     inputs = random_inputs(model, batch, steps)
-    lowered = inversion.invert_program.lower(model, inputs, method="null-text", remat="none")
+    lowered = parallel.sharded_program(parallel.local_mesh(jax.local_devices()[:1]), "null-text", None, "none").lower(model, inputs)
     compiled, info = _compile(lowered)
     free = _device_free_bytes()
     row = dict(info, remat="none", free_gib=None if free is None else free / 2**30)

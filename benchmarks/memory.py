@@ -19,7 +19,6 @@ and TPU. `--tiny` uses a tiny random model (the CI test).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import subprocess
@@ -34,11 +33,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from nti_jax.core import inversion
+from nti_jax.core import null_text, parallel, planning  # noqa: E402
 from nti_jax.loading import pipeline  # noqa: E402
 from nti_jax.core.conditioning import TextCond  # noqa: E402
 from nti_jax.core.sampling import Denoiser  # noqa: E402
 from nti_jax.core.schedule import Schedule  # noqa: E402
+from nti_jax.models.unet import REMAT_MODES  # noqa: E402
 
 GIB = 2**30
 CHIPS_GIB = (16, 32, 80, 141)
@@ -128,19 +128,18 @@ def cond_shapes(model: Denoiser) -> Any:
     return jax.tree_util.tree_map(lambda a: a.shape[1:], cond_spec(model, (1,)))
 
 
-def invert_inputs(model: Denoiser, batch: int, steps: int = 50) -> inversion.InvertInputs:
+def invert_inputs(model: Denoiser, batch: int, steps: int = 50) -> null_text.InvertInputs:
     s, ch, d = _dims(model)
     f32, spec = jnp.float32, jax.ShapeDtypeStruct
     sched = Schedule(spec((steps,), jnp.int32), spec((steps,), f32), spec((steps,), f32))
-    return inversion.InvertInputs(spec((batch, s, s, ch), f32), cond_spec(model, (batch,)), cond_spec(model, (batch,)), sched,
+    return null_text.InvertInputs(spec((batch, s, s, ch), f32), cond_spec(model, (batch,)), cond_spec(model, (batch,)), sched,
                                   spec((), f32), spec((), jnp.int32), spec((), f32))
 
 
 def lower_invert(model: Denoiser, batch: int, remat: str, steps: int = 50):
-    kw = {"remat": remat} if "remat" in inspect.signature(inversion.invert_core).parameters else {}
-    if not kw and remat != "none":
-        raise SystemExit("this nti_jax has no remat modes")
-    return inversion.invert_program.lower(model, invert_inputs(model, batch, steps), method="null-text", **kw)
+    """The inversion program the library and the command line run (a mesh of one device)."""
+    program = parallel.sharded_program(parallel.local_mesh(jax.local_devices()[:1]), "null-text", None, remat)
+    return program.lower(model, invert_inputs(model, batch, steps))
 
 
 def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool = False, images: int = 1):
@@ -165,7 +164,8 @@ def lower_edit(model: Denoiser, rows: int = 2, steps: int = 50, concrete: bool =
                             spec((g, steps + 1, s, s, ch), f32), spec((g,), f32), cond_spec(model, (g,)))
     arr = jax.tree_util.tree_map(lambda a: np.broadcast_to(np.asarray(a), (g,) + np.shape(a)), arr)  # the program's image axis
     arr_spec = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), arr)
-    lowered = p2p._edit_program.lower(model, arr_spec, inputs, static=static, edit=True)
+    core = jax.jit(p2p.edit_core, static_argnames=("static", "edit"))  # the edit's sampling loop, without the VAE decode
+    lowered = core.lower(model, arr_spec, inputs, static=static, edit=True)
     if not concrete:
         return lowered
     from nti_jax import testing
@@ -194,13 +194,13 @@ def point(kind: str, dtype: str, batch: int, remat: str, program: str) -> dict:
     return dict(model=kind, dtype=dtype, batch=batch, remat=remat, program=program, backend=jax.default_backend(), **analyse(lowered))
 
 
-def residuals(kind: str, dtype: str, modes=inversion.REMAT_MODES if hasattr(inversion, "REMAT_MODES") else ("none",)) -> dict:
+def residuals(kind: str, dtype: str, modes=REMAT_MODES) -> dict:
     """Bytes one inner-loop gradient keeps per image (batch 1 and 2: the difference is per image)."""
     model = abstract_model(kind, dtype)
     s, ch, d = _dims(model)
     out = {}
     for mode in modes:
-        one, two = (inversion.gradient_residual_bytes(model, b, (s, s, ch), cond_shapes(model), mode) for b in (1, 2))
+        one, two = (planning.gradient_residual_bytes(model, b, (s, s, ch), cond_shapes(model), mode) for b in (1, 2))
         out[mode] = {"batch1_gib": one / GIB, "per_image_gib": (two - one) / GIB}
     return out
 
@@ -377,15 +377,16 @@ def remat_times(channels, sample: int, steps: int, inner: int, repeats: int) -> 
 
     sched = Schedule(*map(jnp.asarray, ddim_schedule(testing.SD1_SCHEDULER, steps)))
     emb = lambda seed: jnp.asarray(np.random.default_rng(seed).standard_normal((1, 77, 256)), jnp.float32)
-    inputs = inversion.InvertInputs(jnp.asarray(rng.standard_normal((1, sample, sample, 4)), jnp.float32), emb(1), emb(2),
+    inputs = null_text.InvertInputs(jnp.asarray(rng.standard_normal((1, sample, sample, 4)), jnp.float32), emb(1), emb(2),
                                     sched, jnp.float32(7.5), jnp.int32(inner), jnp.float32(-1.0))
-    times: dict = {m: [] for m in inversion.REMAT_MODES}
+    times: dict = {m: [] for m in REMAT_MODES}
+    mesh = parallel.local_mesh(jax.local_devices()[:1])
     for m in times:  # compile
-        jax.block_until_ready(inversion.invert_program(model, inputs, method="null-text", remat=m))
+        jax.block_until_ready(parallel.sharded_program(mesh, "null-text", None, m)(model, inputs))
     for _ in range(repeats):
         for m in times:
             t = time.time()
-            jax.block_until_ready(inversion.invert_program(model, inputs, method="null-text", remat=m))
+            jax.block_until_ready(parallel.sharded_program(mesh, "null-text", None, m)(model, inputs))
             times[m].append(time.time() - t)
     med = {m: float(np.median(v)) for m, v in times.items()}
     return {"channels": list(channels), "sample": sample, "steps": steps, "inner": inner, "seconds": times,
@@ -452,7 +453,7 @@ def main(argv=None) -> int:
                 bf16 = abstract_model(m, "bfloat16")
                 params = sum(a.size * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(bf16.params))
                 s, ch, dim = _dims(bf16)
-                moved = bytes_per_image(params, inversion.gradient_residual_bytes(bf16, 1, (s, s, ch), cond_shapes(bf16), "none"))
+                moved = bytes_per_image(params, planning.gradient_residual_bytes(bf16, 1, (s, s, ch), cond_shapes(bf16), "none"))
                 print(json.dumps({"model": m, "dtype": d, "per_call": c, "per_image": img, "bf16_bytes_per_image": moved,
                                   "cost_model": [r for u in (1.0, 0.4) for r in cost_model(img["flops"]["after"], moved, u)]}))
     elif a.cmd == "build-sd":

@@ -96,7 +96,7 @@ def inversion_table(pipe, n: int, batch: int) -> dict:
 EDIT_METHODS = ("null-text", "negative-prompt", "direct")
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 # edit-time guidance: plain CFG, single-branch (phi in the source row only), ProxEdit (PIE-Bench settings)
-GUIDANCES = {"plain": {}, "single-branch": {"single_branch": True}, "proximal": {"proximal": nti_jax.p2p.Proximal()}}
+GUIDANCES = {"plain": {}, "single-branch": {"single_branch": True}, "proximal": {"proximal": nti_jax.Proximal()}}
 
 
 def _swaps(seeds) -> list[dict]:

@@ -5,10 +5,11 @@ Needs the test extras (torch, diffusers, transformers); nothing at run time impo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -293,3 +294,45 @@ def make_tiny_sdxl(folder: str, seed: int = 0, fp16_variant: bool = False) -> st
     _write_tokenizer(os.path.join(folder, "tokenizer"))
     _write_tokenizer(os.path.join(folder, "tokenizer_2"), SDXL_PAD_TOKEN_2)
     return folder
+
+
+class CompileLog:
+    """XLA compiles and persistent-cache look-ups seen while a `compile_log()` block runs, from
+    JAX's monitoring events (`backend_compile_duration` for every compile, the cache's hit and
+    miss events for every look-up)."""
+
+    def __init__(self):
+        self.compiles, self.cache_lookups = 0, 0
+
+
+_LOGS: list = []
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        for log in _LOGS:
+            log.compiles += 1
+
+
+def _on_event(event: str, **_) -> None:
+    if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+        for log in _LOGS:
+            log.cache_lookups += 1
+
+
+_LISTENING: list = []
+
+
+@contextlib.contextmanager
+def compile_log() -> Iterator[CompileLog]:
+    """Count the compiles and persistent-cache look-ups inside the block."""
+    if not _LISTENING:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        jax.monitoring.register_event_listener(_on_event)
+        _LISTENING.append(True)
+    log = CompileLog()
+    _LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LOGS.remove(log)

@@ -29,7 +29,7 @@ from PIL import Image
 import nti_jax
 import nti_jax.io
 from nti_jax.run import cli, ledger, manifest
-from nti_jax.core import p2p
+from nti_jax.core import controllers, p2p
 from nti_jax import records, testing
 from nti_jax.toy import shapes
 
@@ -300,7 +300,7 @@ def test_bad_prompts_one_run(prompt_run, pipe):
         assert (out / name / "inversion.safetensors").is_file() and (out / name / "reconstruction.png").is_file()
     # Non-ASCII words are found by the controller (host side, no device).
     src, tgt = "un carré bleu sur fond violet ✓", "un carré rouge sur fond violet ✓"
-    ctl = p2p.Replace(blend=p2p.LocalBlend([["carré"], ["carré"]]))
+    ctl = controllers.Replace(blend=controllers.LocalBlend([["carré"], ["carré"]]))
     _, arrays = p2p.compile_controller(pipe, ctl, src, [tgt], 5, 16, False)
     assert np.asarray(arrays.blend_alpha).sum(axis=1).min() >= 1
 
@@ -397,7 +397,7 @@ def test_bad_manifests(case, tmp_path, capsys):
     assert words in message, message
     if case == "bad-kind":  # the library's words, with the line in front
         with pytest.raises(ValueError) as e:
-            p2p.controller_from_settings("a cat", ["a dog"], {"kind": "swap"})
+            controllers.controller_from_settings("a cat", ["a dog"], {"kind": "swap"})
         assert message.endswith(str(e.value))
 
 
@@ -412,7 +412,7 @@ def test_edit_setting_ranges_exit_2(setting, value, tmp_path, capsys):
     m = write_manifest(tmp_path / "m.jsonl", [{"image": "a.png", "prompt": "a blue square", "edits": [edit]}])
     message = cli_error(["--manifest", m, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")], capsys)
     with pytest.raises(ValueError) as e:
-        p2p.controller_from_settings("a blue square", ["a red square"], {k: v for k, v in edit.items() if k != "prompt"})
+        controllers.controller_from_settings("a blue square", ["a red square"], {k: v for k, v in edit.items() if k != "prompt"})
     assert message == f"{m}:1: edit 1: {e.value}"
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nti_jax
-from nti_jax.core import inversion
+from nti_jax.core import planning
 from nti_jax.models.unet import REMAT_MODES
 from nti_jax.core.sampling import Denoiser
 from nti_jax.testing import rel_err
@@ -39,7 +39,7 @@ def test_context_gradient_matches_torch_autograd_in_every_remat_mode(folder, pip
     base = Denoiser.of(pipe)
     grads = {}
     for mode in REMAT_MODES:
-        model = inversion.with_remat(base, mode)
+        model = planning.with_remat(base, mode)
         grads[mode] = np.asarray(jax.jit(jax.grad(lambda c, m=model: jnp.sum(m(x, jnp.int32(500), c) ** 2)))(ctx))
         assert rel_err(grads[mode], want) <= 1e-4, mode
     for mode in ("blocks", "full"):  # the same operations run again: equal to float rounding
@@ -73,17 +73,17 @@ def test_no_attention_probabilities_are_kept_for_the_backward_pass(pipe):
     """16x16 latents: a self-attention's probabilities would be (B, heads, 256, 256)."""
     x, ctx = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1, 77, 32))
     for mode in REMAT_MODES:
-        shapes = _residual_shapes(inversion.with_remat(Denoiser.of(pipe), mode), x, ctx)
+        shapes = _residual_shapes(planning.with_remat(Denoiser.of(pipe), mode), x, ctx)
         assert shapes, mode
         assert not [s for s in shapes if len(s) == 4 and s[-2:] in {(256, 256), (256, 77), (64, 64), (64, 77)}], mode
 
 
 def test_remat_modes_keep_fewer_residual_bytes(pipe):
     model = Denoiser.of(pipe)
-    kept = {m: inversion.gradient_residual_bytes(model, 1, (16, 16, 4), (77, 32), m) for m in REMAT_MODES}
+    kept = {m: planning.gradient_residual_bytes(model, 1, (16, 16, 4), (77, 32), m) for m in REMAT_MODES}
     assert kept["none"] > 2 * kept["blocks"] > 0 and kept["blocks"] > 2 * kept["full"] > 0
     # Residuals are per image: batch 3 keeps three times batch 1, within the few shared scalars.
-    three = inversion.gradient_residual_bytes(model, 3, (16, 16, 4), (77, 32), "none")
+    three = planning.gradient_residual_bytes(model, 3, (16, 16, 4), (77, 32), "none")
     assert abs(three - 3 * kept["none"]) <= 1e-3 * three
 
 

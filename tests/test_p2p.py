@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax.core import heatmaps, p2p
+from nti_jax.core import controllers, heatmaps, p2p, parallel
+from nti_jax.core.inversion import inversion_schedule
 from nti_jax import testing
 from nti_jax.errors import PromptError
 
@@ -58,25 +59,27 @@ def test_source_row_of_a_batch_of_three_is_the_reconstruction(pipe, inv, recon):
 @pytest.mark.slow
 def test_one_compile_per_prompt_batch_shape(pipe, inv):
     nti_jax.edit(pipe, inv, ["a blue circle on a blue background"], controller=nti_jax.Replace())
-    before = p2p._edit_program._cache_size()
-    nti_jax.edit(pipe, inv, ["a yellow circle on a blue background"], controller=nti_jax.Replace())
-    nti_jax.edit(pipe, inv, ["a red circle on a gray background"], controller=nti_jax.Replace(cross_replace_steps=0.5))
-    assert p2p._edit_program._cache_size() == before
+    with testing.compile_log() as log:
+        nti_jax.edit(pipe, inv, ["a yellow circle on a blue background"], controller=nti_jax.Replace())
+        nti_jax.edit(pipe, inv, ["a red circle on a gray background"], controller=nti_jax.Replace(cross_replace_steps=0.5))
+    assert log.compiles == 0
 
 
 @pytest.mark.slow
 def test_local_blend_keeps_the_source_outside_the_mask(pipe, inv):
     target = "a green circle on a blue background"
     cond = jnp.concatenate([inv.cond_embeddings, pipe.encode_prompt([target])])
-    sched = nti_jax.core.sampling.inversion_schedule(pipe, inv)
+    sched = inversion_schedule(pipe, inv)
+    mesh = parallel.local_mesh(jax.local_devices()[:1])
+    placed = parallel.inverter_on(mesh).placed(pipe)
 
     def run(threshold):
         ctrl = nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], threshold=threshold, start=0.2))
         static, arr = p2p.compile_controller(pipe, ctrl, SRC, [target], 10, 16, False)
         inputs = p2p.EditInputs(sched, inv.x_T, cond[None], inv.null_embeddings, inv.pivots, np.float32([7.5]))
         one = jax.tree_util.tree_map(lambda a: a[None], arr)  # the program's leading image axis
-        z, maps = p2p._edit_program(nti_jax.core.sampling.Denoiser.of(pipe), one, inputs, static=static, edit=True)
-        return np.asarray(z[0]), np.asarray(p2p._blend_mask(static, arr, jnp.asarray(maps[0]) * 10, 16))[1, ..., 0]
+        out = parallel.edit_program(mesh, static, True, pipe.vae, pipe.scaling_factor)(placed.model, placed.vae, one, inputs)
+        return np.asarray(out.latents[0]), np.asarray(p2p._blend_mask(static, arr, jnp.asarray(out.maps[0]) * 10, 16))[1, ..., 0]
 
     # A random model's attention is nearly flat: pick a threshold that gives a partial mask.
     for th in np.linspace(0.5, 0.999, 30):
@@ -142,14 +145,14 @@ def test_prompt_errors_name_the_problem(pipe, inv):
 
 @pytest.mark.slow
 def test_refine_and_settings(pipe, inv, recon):
-    ctrl = p2p.controller_from_settings(SRC, ["a big red circle on a blue background"], {"kind": "auto"})
+    ctrl = controllers.controller_from_settings(SRC, ["a big red circle on a blue background"], {"kind": "auto"})
     assert isinstance(ctrl, nti_jax.Refine)
     out = nti_jax.edit(pipe, inv, ["a big red circle on a blue background"], controller=ctrl)
     np.testing.assert_allclose(out[0], recon, atol=BATCH_TOL)
-    rw = p2p.controller_from_settings(SRC, ["a red circle on a blue background"], {"equalizer": {"red": 3}, "cross_replace_steps": {"default_": 0.8, "red": 0.3}})
+    rw = controllers.controller_from_settings(SRC, ["a red circle on a blue background"], {"equalizer": {"red": 3}, "cross_replace_steps": {"default_": 0.8, "red": 0.3}})
     assert isinstance(rw, nti_jax.Reweight) and rw.equalizer == {"red": 3}
     with pytest.raises(ValueError, match="unknown edit settings: colour"):
-        p2p.controller_from_settings(SRC, [SRC], {"colour": 1})
+        controllers.controller_from_settings(SRC, [SRC], {"colour": 1})
 
 
 @pytest.mark.slow
@@ -167,27 +170,27 @@ def test_attention_maps_and_grid(pipe, inv, tmp_path):
 
 def test_edit_settings_guidance_and_errors():
     tgt = ["a green circle on a blue background"]
-    c = p2p.controller_from_settings(SRC, tgt, {"guidance": "single-branch+proximal", "prox_quantile": 0.6,
+    c = controllers.controller_from_settings(SRC, tgt, {"guidance": "single-branch+proximal", "prox_quantile": 0.6,
                                                 "blend_words": [["circle"], ["circle"]], "substruct_words": [["blue"], ["blue"]],
                                                 "mapping": "aligned"})
-    assert c.single_branch and c.proximal == p2p.Proximal(quantile=0.6) and c.mapping == "aligned"
+    assert c.single_branch and c.proximal == controllers.Proximal(quantile=0.6) and c.mapping == "aligned"
     assert c.blend.substruct_words == [["blue"], ["blue"]]
-    plain = p2p.controller_from_settings(SRC, tgt, {})
+    plain = controllers.controller_from_settings(SRC, tgt, {})
     assert not plain.single_branch and plain.proximal is None and plain.mapping == "original"
     with pytest.raises(ValueError, match="guidance must be one of"):
-        p2p.controller_from_settings(SRC, tgt, {"guidance": "prox"})
+        controllers.controller_from_settings(SRC, tgt, {"guidance": "prox"})
     with pytest.raises(ValueError, match="prox_quantile"):
-        p2p.controller_from_settings(SRC, tgt, {"guidance": "proximal", "prox_quantile": 1.5})
+        controllers.controller_from_settings(SRC, tgt, {"guidance": "proximal", "prox_quantile": 1.5})
 
 
 def test_proximal_is_checked_where_it_is_built():
     # issue 22: the library refuses what ProxEdit cannot run; quantile <= 0 is its fixed threshold
     for bad in ({"quantile": 1.5}, {"quantile": float("nan")}, {"norm": "l2"}, {"dilate": -1}, {"dilate": 1.5}):
         with pytest.raises(ValueError, match="proximal guidance needs"):
-            p2p.Proximal(**bad)
-    assert p2p.Proximal(quantile=-0.1).quantile == -0.1 and p2p.Proximal(quantile=1.0).quantile == 1.0
-    c = p2p.controller_from_settings(SRC, [SRC], {"guidance": "proximal", "prox_quantile": -0.05})
-    assert c.proximal == p2p.Proximal(quantile=-0.05)
+            controllers.Proximal(**bad)
+    assert controllers.Proximal(quantile=-0.1).quantile == -0.1 and controllers.Proximal(quantile=1.0).quantile == 1.0
+    c = controllers.controller_from_settings(SRC, [SRC], {"guidance": "proximal", "prox_quantile": -0.05})
+    assert c.proximal == controllers.Proximal(quantile=-0.05)
 
 
 def test_blend_and_mapping_errors_name_the_problem(pipe):
@@ -208,8 +211,8 @@ def test_blend_and_mapping_errors_name_the_problem(pipe):
 @pytest.mark.slow
 def test_attention_sheet_for_an_edit(pipe, inv):
     tgt = "a green circle on a blue background"
-    maps = p2p.attention_maps(pipe, inv, [tgt], controller=nti_jax.Replace())
-    img = heatmaps.attention_sheet(pipe, [SRC, tgt], p2p.edit(pipe, inv, [tgt], controller=nti_jax.Replace()), maps)
+    maps = nti_jax.attention_maps(pipe, inv, [tgt], controller=nti_jax.Replace())
+    img = heatmaps.attention_sheet(pipe, [SRC, tgt], nti_jax.edit(pipe, inv, [tgt], controller=nti_jax.Replace()), maps)
     n_src, n_tgt = len(heatmaps.token_labels(pipe, SRC)), len(heatmaps.token_labels(pipe, tgt))
     assert img.shape == (2 * (96 + 16), 96 * max(n_src, n_tgt), 3)
 
@@ -224,7 +227,7 @@ def test_the_edit_hook_sees_only_layers_it_edits_or_stores(pipe, inv, monkeypatc
     seen, wants = {}, attention.hook_wants
     record = lambda hook, place: wants(hook, place) if hook is None else seen.setdefault(place, wants(hook, place))
     monkeypatch.setattr(attention, "hook_wants", record)
-    p2p._edit_program.clear_cache()
+    parallel.edit_program.cache_clear()
     nti_jax.edit(pipe, inv, ["a green circle on a blue background"], controller=nti_jax.Replace())
     latent = inv.x_T.shape[1]
     limit = (latent // 2) ** 2
@@ -232,7 +235,7 @@ def test_the_edit_hook_sees_only_layers_it_edits_or_stores(pipe, inv, monkeypatc
     for place, offered in seen.items():
         assert offered == (place.kind == "cross" or place.size[0] * place.size[1] <= limit), place
     seen.clear()
-    p2p._edit_program.clear_cache()
+    parallel.edit_program.cache_clear()
     nti_jax.attention_maps(pipe, inv)
     smallest = min(p.size for p in seen if p.kind == "cross" and p.block == "down")
     assert {p for p, offered in seen.items() if offered} == {

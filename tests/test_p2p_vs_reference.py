@@ -1,6 +1,6 @@
 """Prompt-to-Prompt against a PyTorch port of the authors' code (benchmarks/p2p_reference.py, issue 12).
 
-Each case runs `nti_jax.p2p.edit_latents` and the oracle from the same inversion (x_T, phi, pivots,
+Each case runs `nti_jax.core.api.edit_latents` and the oracle from the same inversion (x_T, phi, pivots,
 embeddings) and compares the final latents and the stored cross-attention maps at 1e-4 relative.
 Inversions are built directly (random pivots, a perturbed "" embedding as phi): the edit does
 not care how they were found, and a real `invert` would cost a compile per model. The cases
@@ -20,7 +20,7 @@ import torch
 import nti_jax
 from benchmarks import p2p_reference as ref
 from benchmarks import torch_reference as tr
-from nti_jax.core import p2p, seq_aligner
+from nti_jax.core import api, controllers, p2p, seq_aligner
 from nti_jax.pie import bench as pie_bench
 from nti_jax import testing
 from nti_jax.errors import PromptError
@@ -136,7 +136,7 @@ def check(case: Case, method: str, prompts, ours, theirs, controls=(), **kw) -> 
     """Run both; assert latents and maps agree; return the oracle controller's blend for more checks.
     `controls`: negative controls, each `ours` with one setting off by a step or a threshold moved;
     each must miss the oracle by more than TOL, so the test could see an error that small."""
-    z, maps = p2p.edit_latents(case.pipe, case.inversion(method), list(prompts[1:]), controller=ours)
+    z, maps = api.edit_latents(case.pipe, case.inversion(method), list(prompts[1:]), controller=ours)
     z_ref, maps_ref = case.oracle(method, prompts, theirs, **kw)
     assert np.asarray(z).shape == z_ref.shape and np.asarray(maps).shape == maps_ref.shape
     assert rel(z, z_ref) <= TOL, rel(z, z_ref)
@@ -144,7 +144,7 @@ def check(case: Case, method: str, prompts, ours, theirs, controls=(), **kw) -> 
     for r in range(1, len(prompts)):
         assert rel(z[r], z[0]) > 1e-3  # every target row was edited
     for bad in controls:
-        z_bad, maps_bad = p2p.edit_latents(case.pipe, case.inversion(method), list(prompts[1:]), controller=bad)
+        z_bad, maps_bad = api.edit_latents(case.pipe, case.inversion(method), list(prompts[1:]), controller=bad)
         assert max(rel(z_bad, z_ref), rel(maps_bad, maps_ref)) > TOL, f"the negative control {bad} passed"
     return {"z": np.asarray(z), "maps": np.asarray(maps), "blend": theirs.local_blend}
 
@@ -203,7 +203,7 @@ def test_reweight_alone_scales_position_by_position_across_word_counts(sd1):
                                    tokenizer=sd1.pipe.tokenizer, max_self_queries=(sd1.latent // 2) ** 2)
     check(sd1, "negative-prompt", [SRC, ADD], ours, theirs)
     with pytest.raises(PromptError, match="same number of words"):
-        p2p.edit_latents(sd1.pipe, sd1.inversion("null-text"), [ADD], controller=nti_jax.Replace())
+        api.edit_latents(sd1.pipe, sd1.inversion("null-text"), [ADD], controller=nti_jax.Replace())
 
 
 def test_direct_inversion_pins_the_source_before_the_blend(sd1):
@@ -216,7 +216,7 @@ def test_direct_inversion_pins_the_source_before_the_blend(sd1):
 
 def test_proximal_and_single_branch_null_text(sd1):
     th = sd1.threshold("circle")
-    prox = nti_jax.p2p.Proximal()  # PIE-Bench: l0, quantile 0.75, recon_lr 1, recon_t 400 (dilate 1)
+    prox = nti_jax.Proximal()  # PIE-Bench: l0, quantile 0.75, recon_lr 1, recon_t 400 (dilate 1)
     ours = nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], threshold=th), single_branch=True, proximal=prox)
     theirs = sd1.controller([SRC, SWAP], blend=[["circle"], ["circle"]], th=(th, th))
     out = check(sd1, "null-text", [SRC, SWAP], ours, theirs, single_branch=True,
@@ -233,8 +233,8 @@ def test_sd2_v_prediction_refine_with_blend(sd2):  # Refine on SD 1.x: the same 
 
 def test_sd2_direct_with_l1_proximal_guidance_and_a_fixed_threshold(sd2):
     for q, moved in ((0.6, 0.65), (-0.02, -0.025)):  # q <= 0: ProxEdit's fixed threshold -q
-        prox = nti_jax.p2p.Proximal(norm="l1", quantile=q, recon_lr=0.5, recon_t=700, dilate=0)
-        bad = nti_jax.Replace(proximal=nti_jax.p2p.Proximal(norm="l1", quantile=moved, recon_lr=0.5, recon_t=700, dilate=0))
+        prox = nti_jax.Proximal(norm="l1", quantile=q, recon_lr=0.5, recon_t=700, dilate=0)
+        bad = nti_jax.Replace(proximal=nti_jax.Proximal(norm="l1", quantile=moved, recon_lr=0.5, recon_t=700, dilate=0))
         check(sd2, "direct", [SRC, SWAP], nti_jax.Replace(proximal=prox), sd2.controller([SRC, SWAP]), [bad],
               prox={"prox": "l1", "quantile": q, "recon_lr": 0.5, "recon_t": 700, "dilate_mask": 0})
 
@@ -254,12 +254,12 @@ def test_pie_bench_setup_at_a_64_latent_with_negative_controls(sd64):
     src, tgt = "a red circle on a blue background", "a [big green square] on a blue background"
     settings = dict(pie_bench.edit_settings(src, tgt, "circle square"), blend_threshold=sd64.threshold("circle"))
     tgt = pie_bench.strip_brackets(tgt)
-    ours = p2p.controller_from_settings(src, [tgt], settings)
+    ours = controllers.controller_from_settings(src, [tgt], settings)
     assert isinstance(ours, nti_jax.Reweight) and isinstance(ours.base, nti_jax.Refine)
     th = settings["blend_threshold"]
     theirs = sd64.controller([src, tgt], replace=False, eq={"words": ("square",), "values": (2,)}, blend=(("circle",), ("square",)),
                              th=(th, th), cross=0.4, self_=0.6, max_self_queries=32**2)
-    bad = lambda **kw: p2p.controller_from_settings(src, [tgt], dict(settings, **kw))
+    bad = lambda **kw: controllers.controller_from_settings(src, [tgt], dict(settings, **kw))
     # the self window a step longer, the threshold moved, self-attention replaced at 64 x 64 too
     controls = [bad(self_replace_steps=0.8), bad(blend_threshold=sd64.threshold("circle", 0.75)), bad(max_self_size=64)]
     out = check(sd64, "null-text", [src, tgt], ours, theirs, controls)

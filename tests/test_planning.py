@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax.core import inversion, parallel, planning
+from nti_jax.core import parallel, planning
+from nti_jax.core.null_text import abstract_inputs
 from nti_jax.testing import rel_err
 
 NEED = {"none": 10, "blocks": 6, "full": 4}  # bytes per image of fake programs, over a base of 10
@@ -100,9 +101,10 @@ def test_a_batch_that_does_not_fit_is_split_with_the_same_results(pipe):
     images = list(np.random.default_rng(4).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
     prompts = ["a red circle on a blue background", "a green square"]
     settings = nti_jax.InvertSettings(method="ddim", num_steps=4)
-    model = parallel.ShardedInverter(parallel.local_mesh(jax.local_devices()[:1]))._setup(pipe)[0]
-    analysis = lambda rows: inversion.invert_program.lower(
-        model, inversion.abstract_inputs(pipe, settings, rows), method="ddim").compile().memory_analysis()
+    mesh = parallel.local_mesh(jax.local_devices()[:1])
+    model = parallel.ShardedInverter(mesh).placed(pipe).model
+    analysis = lambda rows: parallel.sharded_program(mesh, "ddim", None).lower(
+        model, abstract_inputs(pipe, settings, rows)).compile().memory_analysis()
     total = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     one, two = total(analysis(1)), total(analysis(2))
     assert one < two

@@ -61,7 +61,7 @@ def test_conditioning_and_unet_match_diffusers(xl, ref):
 def test_null_text_matches_torch_reference(xl, ref, image):
     """6 steps x 10 iterations, the pooled unconditional embedding optimised with the tokens, both
     starting from the "" prompt's encoding as the notebook's null-text does, not the model's zeros
-    (README: the choices and their measurements). phi is compared relative to how far it moved."""
+    (docs/departures.md: the choices and their measurements). phi is compared relative to how far it moved."""
     inv = nti_jax.invert(xl, image, PROMPT, num_steps=6, early_stop_epsilon=-1.0)
     out = tr.invert_image_sdxl(ref, image, PROMPT, num_steps=6, early_stop_epsilon=-1.0, optimize_pooled=True, negative_prompt="")
     _, empty = xl.encode_with_null([PROMPT], zeros=False)

@@ -4,11 +4,13 @@ under `jax.transfer_guard("disallow")`, inversion, sampling and editing run to t
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
 import nti_jax
-from nti_jax.core import inversion, p2p, sampling
+from nti_jax.core import p2p, parallel
+from nti_jax.core.inversion import inversion_schedule
 from nti_jax import testing
 
 pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
@@ -27,17 +29,20 @@ def image():
 
 
 @pytest.mark.parametrize("method", ["null-text", "direct"])
-def test_inversion_and_sampling_programs_stay_on_device(pipe, image, method):
+def test_inversion_and_reconstruction_programs_stay_on_device(pipe, image, method):
     settings = nti_jax.InvertSettings(method=method, num_steps=4, num_inner_steps=2, early_stop_epsilon=-1.0)
-    inputs = jax.device_put(inversion.prepare_inputs(pipe, [image], [PROMPT], settings))
-    model = jax.device_put(sampling.Denoiser.of(pipe))
-    out = inversion.invert_program(model, inputs, method=method)  # compiled outside the guard
-    args = (model, inputs.sched, out.pivots[:, -1], inputs.cond, out.phi, out.pivots, inputs.guidance)
-    jax.block_until_ready(sampling._sample_program(*args, direct=method == "direct"))
+    mesh = parallel.local_mesh(jax.local_devices()[:1])
+    inverter = parallel.inverter_on(mesh)
+    inputs, placed = inverter.prepare(pipe, [image], [PROMPT], settings), inverter.placed(pipe)
+    invert = parallel.sharded_program(mesh, method, None, "none")
+    sample = parallel.reconstruct_program(mesh, method == "direct", pipe.vae, pipe.scaling_factor)
+    out = invert(placed.model, inputs)  # compiled outside the guard
+    args = (placed.model, placed.vae, inputs.sched, out.pivots[:, -1], inputs.cond, out.phi, out.pivots, inputs.guidance)
+    jax.block_until_ready(sample(*args))
     with jax.transfer_guard("disallow"):
-        out = jax.block_until_ready(inversion.invert_program(model, inputs, method=method))
-        z = jax.block_until_ready(sampling._sample_program(*args, direct=method == "direct"))
-    assert out.phi.shape == (1, 4, 77, 32) and z.shape == (1, 16, 16, 4)
+        out = jax.block_until_ready(invert(placed.model, inputs))
+        recon = jax.block_until_ready(sample(*args))
+    assert out.phi.shape == (1, 4, 77, 32) and recon.latents.shape == (1, 16, 16, 4)
 
 
 def test_edit_program_stays_on_device(pipe, image):
@@ -45,11 +50,14 @@ def test_edit_program_stays_on_device(pipe, image):
     target = "a green circle on a blue background"
     static, arr = p2p.compile_controller(pipe, nti_jax.Replace(), PROMPT, [target], 4, 16, False)
     cond = jnp.concatenate([inv.cond_embeddings, pipe.encode_prompt([target])])
-    inputs = jax.device_put(p2p.EditInputs(
-        sampling.inversion_schedule(pipe, inv), inv.x_T, cond[None], inv.null_embeddings, inv.pivots, jnp.float32([7.5])
-    ))
-    model, arr = jax.device_put((sampling.Denoiser.of(pipe), jax.tree_util.tree_map(lambda a: a[None], arr)))
-    jax.block_until_ready(p2p._edit_program(model, arr, inputs, static=static, edit=True))
+    mesh = parallel.local_mesh(jax.local_devices()[:1])
+    placed = parallel.inverter_on(mesh).placed(pipe)
+    rows, whole = NamedSharding(mesh, P(parallel.AXIS)), NamedSharding(mesh, P())
+    inputs = p2p.EditInputs(jax.device_put(inversion_schedule(pipe, inv), whole),
+                            *jax.device_put((inv.x_T, cond[None], inv.null_embeddings, inv.pivots, jnp.float32([7.5])), rows))
+    arr = jax.device_put(jax.tree_util.tree_map(lambda a: a[None], arr), rows)
+    program = parallel.edit_program(mesh, static, True, pipe.vae, pipe.scaling_factor)
+    jax.block_until_ready(program(placed.model, placed.vae, arr, inputs))
     with jax.transfer_guard("disallow"):
-        z, maps = jax.block_until_ready(p2p._edit_program(model, arr, inputs, static=static, edit=True))
-    assert z.shape == (1, 2, 16, 16, 4) and maps.shape[:2] == (1, 2)
+        out = jax.block_until_ready(program(placed.model, placed.vae, arr, inputs))
+    assert out.latents.shape == (1, 2, 16, 16, 4) and out.maps.shape[:2] == (1, 2)

@@ -21,28 +21,22 @@ import numpy as np
 from flax import struct
 
 from nti_jax.core import seq_aligner as sa
-from nti_jax.core.controllers import (  # noqa: F401  (the public names stay importable from here)
-    GUIDANCE,
-    SETTINGS_KEYS,
+from nti_jax.core.controllers import (
     Controller,
-    LocalBlend,
-    Proximal,
     Refine,
-    Replace,
     Reweight,
     Steps,
     Words,
     auto_controller,
-    controller_from_settings,
     window,
 )
 from nti_jax.core import conditioning as cnd
 from nti_jax.core.conditioning import Cond
-from nti_jax.errors import NtiError, PromptError
+from nti_jax.errors import PromptError
 from nti_jax.core.inversion import Inversion
 from nti_jax.models import AttentionPlace
 from nti_jax.loading.pipeline import Pipeline
-from nti_jax.core.sampling import Denoiser, guide, inversion_schedule
+from nti_jax.core.sampling import Denoiser, guide
 from nti_jax.core.schedule import Schedule, denoise_step
 
 
@@ -425,39 +419,3 @@ def edit_core(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: _Sta
     store0 = jnp.zeros((g, rows, s, s, cnd.tokens(cond).shape[2]), jnp.float32)
     (x, store), _ = jax.lax.scan(step, (x0, store0), jnp.arange(n))
     return x, store / n
-
-
-_edit_program = jax.jit(edit_core, static_argnames=("static", "edit"))
-
-
-def _single(inv: Inversion) -> Inversion:
-    if inv.num_images != 1:
-        raise NtiError(f"edit one image at a time: this inversion holds {inv.num_images} (use inv[i])")
-    return inv
-
-
-def edit_latents(pipe: Pipeline, inv: Inversion, targets: Sequence[str], *, controller: Controller | None = None,
-                 edit: bool = True) -> tuple[jax.Array, jax.Array]:
-    """The edit's final latents (1 + n, h, w, C) and its stored cross-attention maps (1 + n, s, s, L)
-    (see `attention_maps`); `edit=False` samples the rows without a controller."""
-    spec = edit_spec(pipe, _single(inv), targets, controller=controller, edit=edit)
-    inputs = edit_inputs(inv, [0], [spec], inversion_schedule(pipe, inv))
-    latents, maps = _edit_program(Denoiser.of(pipe), stack([spec]), inputs, static=spec.static, edit=edit)
-    return latents[0], maps[0]
-
-
-def edit(pipe: Pipeline, inv: Inversion, target_prompts: Sequence[str], *, controller: Controller | None = None) -> np.ndarray:
-    """Edit an inverted image: float32 (1 + n, H, W, 3) in [0, 1], the source reconstruction
-    first, then one image per target prompt, from one compiled batched sampling loop."""
-    latents, _ = edit_latents(pipe, inv, target_prompts, controller=controller)
-    return np.asarray(pipe.decode_latents(latents))
-
-
-def attention_maps(pipe: Pipeline, inv: Inversion, prompts: Sequence[str] = (), *, controller: Controller | None = None) -> np.ndarray:
-    """Per-token cross-attention maps (R, s, s, 77) of the conditional rows, averaged over heads,
-    steps and the down/up layers at the smallest non-mid cross-attention resolution s (16 for SD
-    at 512 px, the notebook's aggregate_attention); rows: the source, then `prompts` when given,
-    edited by `controller` (or the automatic one): target rows hold the edited maps, as stored by
-    the original's AttentionStore."""
-    _, maps = edit_latents(pipe, inv, list(prompts), controller=controller, edit=bool(prompts))
-    return np.asarray(maps)

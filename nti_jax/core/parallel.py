@@ -14,38 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nti_jax.core import p2p, planning
-from nti_jax.core.inversion import (
-    Inversion,
-    InvertInputs,
-    abstract_inputs,
-    assemble,
-    check_remat,
-    cond_shapes,
-    invert_core,
-    plan_program,
-    prepare_inputs,
-)
-from nti_jax.core.planning import pad_rows
-from nti_jax.loading.pipeline import Pipeline, decode_with
-from nti_jax.core.sampling import Denoiser, inversion_schedule, sample_core
+from nti_jax.core.inversion import Inversion, inversion_schedule
+from nti_jax.core.null_text import InvertInputs, abstract_inputs, assemble, cond_shapes, invert_core, prepare_inputs
+from nti_jax.core.planning import check_remat, pad_rows, plan_program
+from nti_jax.core.sampling import Denoiser, sample_core
 from nti_jax.core.settings import InvertSettings
+from nti_jax.loading.pipeline import Pipeline, decode_with
 
 AXIS = "batch"
 
 
-# ----------------------------------------------------------------------------------------------
-# one host, many devices
-
-
 def local_mesh(devices: Optional[Sequence] = None) -> Mesh:
-    """A 1-D mesh (axis "batch") over this process's devices."""
+    """A 1-D mesh (axis "batch") over `devices` (default: this process's devices)."""
     devices = list(devices if devices is not None else jax.local_devices())
     return Mesh(np.array(devices), (AXIS,))
 
@@ -53,8 +40,9 @@ def local_mesh(devices: Optional[Sequence] = None) -> Mesh:
 @functools.lru_cache(maxsize=32)
 def sharded_program(mesh: Mesh, method: str, progress: Optional[Callable], remat: str = "none"):
     """`invert_core(model, inputs)` in `jax.shard_map` over `mesh`, jitted; one per (mesh, static
-    settings), shared by every `ShardedInverter` so a program is traced and compiled once per
-    process. The model is replicated; `inputs` split as `InvertInputs.specs` says."""
+    settings), shared by every `ShardedInverter` (the library's and the command line's), so a
+    program is traced and compiled once per process and shape. The model is replicated;
+    `inputs` split as `InvertInputs.specs` says."""
     core = functools.partial(invert_core, method=method, progress=progress, remat=remat)
     return jax.jit(
         jax.shard_map(
@@ -93,31 +81,54 @@ def _glue(pieces: Sequence, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=16)
-def _reconstruct_program(mesh: Mesh, direct: bool, vae, scaling: float):
+def reconstruct_program(mesh: Mesh, direct: bool, vae, scaling: float):
     """Each device samples its rows from their x_T with their phi and decodes them, and decodes
-    z*_0 (the VAE's own reconstruction): (images, latents, VAE images), split like the rows."""
+    z*_0 (the VAE's own reconstruction): `Reconstruction`, split like the rows."""
 
     def body(model, vae_params, sched, x_T, cond, null, pivots, guidance):
         z = sample_core(model, sched, x_T, cond, null, pivots, guidance, direct=direct)
-        return decode_with(vae, scaling, vae_params, z), z, decode_with(vae, scaling, vae_params, pivots[:, 0])
+        return Reconstruction(decode_with(vae, scaling, vae_params, z), z, decode_with(vae, scaling, vae_params, pivots[:, 0]))
 
     rows = P(AXIS)
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), rows, rows, rows, rows, P()), out_specs=rows, check_vma=False))
 
 
 @functools.lru_cache(maxsize=64)
-def _edit_program(mesh: Mesh, static, edit: bool, vae, scaling: float):
-    """`p2p.edit_core` for the edits each device holds (one key), decoded there: (images
-    (G, R, H, W, 3), maps (G, R, s, s, L)), split over the devices like the edits."""
+def edit_program(mesh: Mesh, static, edit: bool, vae, scaling: float):
+    """`p2p.edit_core` for the edits each device holds (one key), decoded there: `EditResult` of
+    arrays with leading axes (G, R), split over the devices like the edits."""
 
     def body(model, vae_params, arr, inputs):
         latents, maps = p2p.edit_core(model, arr, inputs, static=static, edit=edit)
         g, r = latents.shape[:2]
         images = decode_with(vae, scaling, vae_params, latents.reshape((g * r,) + latents.shape[2:]))
-        return images.reshape((g, r) + images.shape[1:]), maps
+        return EditResult(images.reshape((g, r) + images.shape[1:]), maps, latents)
 
     in_specs = (P(), P(), P(AXIS), p2p.EditInputs.specs(AXIS))
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS), check_vma=False))
+
+
+class Reconstruction(NamedTuple):
+    """Reconstruction of B rows, on the devices that hold them."""
+
+    images: jax.Array  # (B, H, W, 3) in [0, 1]
+    latents: jax.Array  # (B, h, w, C)
+    vae_images: jax.Array  # (B, H, W, 3): the VAE's own decode of z*_0 (the bound)
+
+
+class EditResult(NamedTuple):
+    """One edit's rows: the source, then each target prompt (R = 1 + targets)."""
+
+    images: jax.Array  # (R, H, W, 3) in [0, 1]
+    maps: jax.Array  # (R, s, s, L) stored cross-attention maps (`attention_maps`)
+    latents: jax.Array  # (R, h, w, C) final latents
+
+
+class EditJob(NamedTuple):
+    """An edit of row `row` of an inversion the inverter holds."""
+
+    row: int
+    spec: p2p.EditSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,20 +146,36 @@ class Batch:
         return [whole[i] for i in range(self.n)]
 
 
-EditJob = tuple  # (row of the batch, p2p.EditSpec)
+class Placed(NamedTuple):
+    """A pipeline's UNet (as a `Denoiser`) and VAE parameters, replicated over one mesh."""
+
+    model: Denoiser
+    vae: dict
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What `ShardedInverter` keeps per pipeline: its parameters placed on the mesh and on the
+    first device alone, and one pipeline per device whose parameters live there (each device
+    encodes its own rows)."""
+
+    pipe: Pipeline
+    replicas: list
+    placed: dict  # Mesh -> Placed
 
 
 class ShardedInverter:
-    """Inversion, reconstruction and editing over a mesh. `invert` splits images over the devices
-    (padding them to fill every device) and returns each call's rows as a `Batch` that stays
-    split; `reconstruct` and `edit` run on each device's own rows in one program per call, so an
-    image's arrays never leave the device that inverted it until `Batch.host`. The model's
-    parameters are replicated once per pipeline."""
+    """Inversion, reconstruction and editing over a mesh: the one road of the library and the
+    command line (one device is a mesh of one). `invert` splits images over the devices (padding
+    them to fill every device) and returns each call's rows as a `Batch` that stays split;
+    `reconstruct` and `edit` run on each device's own rows in one program per call, so an image's
+    arrays never leave the device that inverted it until `Batch.host`. The model's parameters are
+    replicated once per pipeline."""
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
         self._programs: set = set()  # the programs `invert` ran: compiled executables or jitted functions
-        self._for = None  # (pipe, replicated Denoiser, per-device pipelines, {mesh: (Denoiser, VAE params)})
+        self._setup_for: Optional[_Setup] = None
 
     @property
     def num_devices(self) -> int:
@@ -158,58 +185,53 @@ class ShardedInverter:
     def devices(self) -> list:
         return list(self.mesh.devices.flat)
 
-    def _setup(self, pipe: Pipeline) -> tuple[Denoiser, list[Pipeline]]:
-        if self._for is None or self._for[0] is not pipe:
-            model = jax.device_put(Denoiser.of(pipe), NamedSharding(self.mesh, P()))
+    def _setup(self, pipe: Pipeline) -> _Setup:
+        if self._setup_for is None or self._setup_for.pipe is not pipe:
+            place = lambda mesh: Placed(*jax.device_put((Denoiser.of(pipe), pipe.params["vae"]), NamedSharding(mesh, P())))
+            whole = place(self.mesh)
             if self.num_devices == 1:
                 replicas = [pipe]
             else:
                 replicas = []
                 for device in self.devices:
                     params = {k: jax.device_put(v, device) for k, v in pipe.params.items() if k != "unet"}
-                    params["unet"] = jax.tree_util.tree_map(lambda a: _local(a, device), model.params)
+                    params["unet"] = jax.tree_util.tree_map(lambda a: _local(a, device), whole.model.params)
                     replicas.append(dataclasses.replace(pipe, params=params))
-            vae = jax.device_put(pipe.params["vae"], NamedSharding(self.mesh, P()))
             one = local_mesh(self.devices[:1])
-            self._for = (pipe, model, replicas, {self.mesh: (model, vae), one: (Denoiser.of(replicas[0]), replicas[0].params["vae"])})
-        return self._for[1], self._for[2]
+            self._setup_for = _Setup(pipe, replicas, {self.mesh: whole, one: whole if one == self.mesh else place(one)})
+        return self._setup_for
 
-    def _on(self, pipe: Pipeline, inv: Inversion) -> tuple[Mesh, Inversion, Denoiser, dict]:
-        """(the mesh `inv`'s rows are split over, `inv` there, the model and VAE params there): this
-        mesh for a `Batch` made by `invert`, the first device alone for any other inversion (one
-        loaded from its file)."""
-        self._setup(pipe)
-        meshes = self._for[3]
-        x = inv.x_T
-        if isinstance(x, jax.Array) and x.sharding == NamedSharding(self.mesh, P(AXIS)):
-            return (self.mesh, inv) + meshes[self.mesh]
+    def _on(self, pipe: Pipeline, inv: Inversion) -> tuple[Mesh, Inversion, Placed]:
+        """(the mesh `inv`'s rows are split over, `inv` there, the parameters there): this mesh for
+        a `Batch` made by `invert`, the first device alone for any other inversion (one loaded from
+        its file, or the library's)."""
+        placed = self._setup(pipe).placed
+        rows = NamedSharding(self.mesh, P(AXIS))
+        if isinstance(inv.x_T, jax.Array) and inv.x_T.sharding == rows:
+            return self.mesh, inv, placed[self.mesh]
         one = local_mesh(self.devices[:1])
-        return (one, jax.device_put(inv, self.devices[0])) + meshes[one]
+        return one, jax.device_put(inv, NamedSharding(one, P(AXIS))), placed[one]
 
-    def _prepare(self, replicas: Sequence[Pipeline], images, prompts, settings: InvertSettings) -> InvertInputs:
-        """Each device encodes its own rows; the pieces become batch-sharded arrays."""
+    def placed(self, pipe: Pipeline) -> Placed:
+        """The pipeline's UNet and VAE parameters, replicated over the mesh."""
+        return self._setup(pipe).placed[self.mesh]
+
+    def prepare(self, pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings) -> InvertInputs:
+        """The inversion program's inputs for rows (a multiple of the devices): each device encodes
+        its own rows; the pieces become batch-sharded arrays."""
+        replicas = self._setup(pipe).replicas
         b = len(images) // self.num_devices
         parts = [prepare_inputs(r, images[d * b : (d + 1) * b], prompts[d * b : (d + 1) * b], settings) for d, r in enumerate(replicas)]
-        batched, whole = NamedSharding(self.mesh, P(AXIS)), NamedSharding(self.mesh, P())
-
-        def glue(pieces, spec):
-            if spec == P():
-                return jax.device_put(pieces[0], whole)
-
-            def one(*leaves):
-                arrays = [jax.device_put(p, dev) for p, dev in zip(leaves, self.devices)]
-                return jax.make_array_from_single_device_arrays((len(images),) + arrays[0].shape[1:], batched, arrays)
-
-            return jax.tree_util.tree_map(one, *pieces)
-
+        whole = NamedSharding(self.mesh, P())
         fields = [[getattr(p, f) for p in parts] for f in InvertInputs._fields]
-        return InvertInputs(*[glue(pieces, spec) for pieces, spec in zip(fields, InvertInputs.specs(AXIS))])
+        return InvertInputs(*[jax.device_put(pieces[0], whole) if spec == P() else _glue(pieces, self.mesh)
+                              for pieces, spec in zip(fields, InvertInputs.specs(AXIS))])
 
     def plan(self, pipe: Pipeline, settings: InvertSettings, per_device: int, progress: Optional[Callable] = None,
              remat: str = "auto", max_device_memory: Optional[float] = None) -> planning.Choice:
         """Remat mode and images per device per call for `per_device` images per device, from the
-        compiled sharded programs (`inversion.plan_program`)."""
-        model, _ = self._setup(pipe)
+        compiled sharded programs (`planning.plan_program`)."""
+        model = self.placed(pipe).model
         whole, batched = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
 
         def spec(rows: int) -> InvertInputs:
@@ -221,7 +243,8 @@ class ShardedInverter:
         lower = lambda rows, mode: sharded_program(self.mesh, settings.method, progress, mode).lower(model_spec, spec(rows))
         key = (progress, model.module, model.prediction_type, self.mesh, planning.shape_key(model_spec, spec(1)))
         s, ch = pipe.image_size // pipe.latent_factor, pipe.unet.config.in_channels
-        return plan_program(model, settings.method, remat, per_device, lower, key, max_device_memory, (s, s, ch), cond_shapes(pipe))
+        return plan_program(model, settings.method, remat, per_device, lower, key, max_device_memory=max_device_memory,
+                            latent=(s, s, ch), context=cond_shapes(pipe))
 
     def invert(
         self, pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings,
@@ -229,13 +252,13 @@ class ShardedInverter:
     ) -> list[Batch]:
         """Invert uint8 square images (at the model's size) with their prompts: one `Batch` per call
         of the program, in order, together holding every image once. `remat`: what the null-text
-        gradient recomputes instead of keeping (`inversion.REMAT_MODES`), or "auto"; with "auto"
+        gradient recomputes instead of keeping (`models.unet.REMAT_MODES`), or "auto"; with "auto"
         or `max_device_memory` (GiB per device) the mode and the images per call come from the
         compiled programs (`plan`), and a share that fits in no mode runs in several calls.
         Results do not depend on either (in bf16, a row's rounding depends on its call's batch)."""
         if len(images) != len(prompts) or not images:
             raise ValueError(f"{len(images)} images and {len(prompts)} prompts")
-        model, replicas = self._setup(pipe)
+        model = self.placed(pipe).model
         check_remat(remat)
         per = -(-len(images) // self.num_devices)
         if remat == "auto" or max_device_memory is not None:
@@ -250,54 +273,53 @@ class ShardedInverter:
             n = min(step, len(images) - start)
             rows = [start + r for r in pad_rows(n, step)]
             padded = [prompts[r] for r in rows]
-            inputs = self._prepare(replicas, [images[r] for r in rows], padded, settings)
+            inputs = self.prepare(pipe, [images[r] for r in rows], padded, settings)
             out = program(model, inputs)
             batches.append(Batch(assemble(pipe, settings, padded, inputs.cond, inputs.sched.timesteps, out), n))
         return batches
 
-    def reconstruct(self, pipe: Pipeline, inv: Inversion) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(reconstructions (B, H, W, 3), their latents (B, h, w, C), the VAE's own decode of z*_0
-        (B, H, W, 3)) of a `Batch`'s (or any) inversion: each device its own rows, in one call."""
-        mesh, inv, model, vae = self._on(pipe, inv)
-        program = _reconstruct_program(mesh, inv.method == "direct", pipe.vae, pipe.scaling_factor)
-        sched = jax.device_put(inversion_schedule(pipe, inv), NamedSharding(mesh, P()))
-        return program(model, vae, sched, inv.x_T, inv.cond_embeddings, inv.null_embeddings, inv.pivots,
-                       jax.device_put(np.float32(inv.settings.guidance_scale), NamedSharding(mesh, P())))
+    def reconstruct(self, pipe: Pipeline, inv: Inversion) -> Reconstruction:
+        """Reconstructions of a `Batch`'s (or any) inversion: each device its own rows, in one call."""
+        mesh, inv, placed = self._on(pipe, inv)
+        program = reconstruct_program(mesh, inv.method == "direct", pipe.vae, pipe.scaling_factor)
+        whole = NamedSharding(mesh, P())
+        sched = jax.device_put(inversion_schedule(pipe, inv), whole)
+        return program(placed.model, placed.vae, sched, inv.x_T, inv.cond_embeddings, inv.null_embeddings, inv.pivots,
+                       jax.device_put(np.float32(inv.settings.guidance_scale), whole))
 
-    def edit(self, pipe: Pipeline, inv: Inversion, jobs: Sequence[EditJob]) -> list:
-        """Run edits of `inv`'s images: `jobs` = (row, `p2p.EditSpec`) pairs. The edits of one key
-        run as one program, each on the device that holds its row (a device with fewer of them
-        repeats one to fill the program). Per job: (images (R, H, W, 3), maps (R, s, s, L)) as
-        host arrays, or the exception its program raised."""
-        mesh, inv, model, vae = self._on(pipe, inv)
+    def edit(self, pipe: Pipeline, inv: Inversion, jobs: Sequence[EditJob]) -> list[Union[EditResult, Exception]]:
+        """Run edits of `inv`'s images. The edits of one key run as one program, each on the device
+        that holds its row (a device with fewer of them repeats one to fill the program). Per job:
+        an `EditResult` of host arrays, or the exception its program raised."""
+        mesh, inv, placed = self._on(pipe, inv)
         devices = list(mesh.devices.flat)
         per = inv.num_images // len(devices)
         local = [jax.tree_util.tree_map(lambda a: _local(a, d), inv) for d in devices]
         sched = jax.device_put(inversion_schedule(pipe, inv), NamedSharding(mesh, P()))
         out: list = [None] * len(jobs)
         groups: dict = {}
-        for j, (row, spec) in enumerate(jobs):
-            groups.setdefault(spec.key, []).append(j)
+        for j, job in enumerate(jobs):
+            groups.setdefault(job.spec.key, []).append(j)
         for key, members in groups.items():
-            mine = [[j for j in members if jobs[j][0] // per == d] for d in range(len(devices))]
+            mine = [[j for j in members if jobs[j].row // per == d] for d in range(len(devices))]
             m = max(len(js) for js in mine)
             pieces = []
             for d, js in enumerate(mine):
                 fill = js + [js[0] if js else members[0]] * (m - len(js))
-                rows = [jobs[j][0] - d * per if j in js else 0 for j in fill]  # a filler takes a row the device holds
-                specs = [jobs[j][1] for j in fill]
+                rows = [jobs[j].row - d * per if j in js else 0 for j in fill]  # a filler takes a row the device holds
+                specs = [jobs[j].spec for j in fill]
                 pieces.append((p2p.stack(specs), p2p.edit_inputs(local[d], rows, specs, sched)._replace(sched=None)))
             arr, inputs = _glue(pieces, mesh)
             try:
-                images, maps = jax.device_get(_edit_program(mesh, key[0], key[1], pipe.vae, pipe.scaling_factor)(
-                    model, vae, arr, inputs._replace(sched=sched)))
+                result = jax.device_get(edit_program(mesh, key[0], key[1], pipe.vae, pipe.scaling_factor)(
+                    placed.model, placed.vae, arr, inputs._replace(sched=sched)))
             except Exception as e:  # noqa: BLE001 - each job of the program gets its error
                 for j in members:
                     out[j] = e
                 continue
             for d, js in enumerate(mine):
                 for g, j in enumerate(js):
-                    out[j] = (images[d * m + g], maps[d * m + g])
+                    out[j] = EditResult(*(a[d * m + g] for a in result))
         return out
 
     def compiled_programs(self) -> int:
@@ -305,12 +327,7 @@ class ShardedInverter:
         return sum(p._cache_size() if hasattr(p, "_cache_size") else 1 for p in self._programs)
 
 
-__all__ = [
-    "AXIS",
-    "Batch",
-    "ShardedInverter",
-    "local_mesh",
-    "pad_rows",
-    "per_device_batch",
-    "sharded_program",
-]
+@functools.lru_cache(maxsize=8)
+def inverter_on(mesh: Mesh) -> ShardedInverter:
+    """The process's inverter over `mesh` (the library's: a mesh of the first local device)."""
+    return ShardedInverter(mesh)

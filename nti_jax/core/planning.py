@@ -12,11 +12,19 @@ warning, since XLA may still fit it where its analysis is pessimistic.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+
+from nti_jax.core.conditioning import Cond
+from nti_jax.core.sampling import Denoiser
+from nti_jax.models.unet import REMAT_MODES
 
 GIB = 2**30
 
@@ -138,3 +146,73 @@ def clear_cache() -> None:
     _ANALYSED.clear()
     _EXECUTABLES.clear()
     _FREE_AT_FIRST_PLAN.clear()
+
+
+def with_remat(model: Denoiser, remat: str) -> Denoiser:
+    """`model` whose gradients recompute what `remat` (REMAT_MODES) says; the same results."""
+    return model if remat == "none" else model.replace(module=model.module.clone(remat=remat))
+
+
+@functools.lru_cache(maxsize=64)
+def _residual_bytes(model: Denoiser, z: jax.ShapeDtypeStruct, context: Cond, remat: str) -> int:
+    grad_model = with_remat(model, remat)
+
+    def vjp(params, z, phi):
+        (params, time_ids) = params
+        f = lambda p: grad_model.replace(params=params, time_ids=time_ids).eps(z, jnp.int32(500), jnp.float32(0.5), p)
+        return jax.vjp(f, phi)[1]
+
+    jaxpr = jax.make_jaxpr(vjp)(model.params.tree, z, context).jaxpr
+    inputs = set(jaxpr.invars)
+    kept = {v for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var) and v not in inputs}
+    return sum(v.aval.size * np.dtype(v.aval.dtype).itemsize for v in kept)
+
+
+def gradient_residual_bytes(model: Denoiser, batch: int, latent: Sequence[int], context: Any, remat: str = "none") -> int:
+    """Bytes autodiff keeps between the forward and backward pass of one inner-loop gradient
+    (w.r.t. phi) for `batch` images of latents (h, w, C) and conditioning of per-row shape
+    `context` ((L, D), or SDXL's TextCond of shapes, `conditioning.row_shapes`), in the program's
+    own dtypes: the residuals of `jax.vjp` that are not its inputs (parameters aside). Traced
+    abstractly (nothing runs); the same figure on every backend."""
+    spec = jax.ShapeDtypeStruct
+    params = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), (model.params, model.time_ids))
+    key = model.replace(params=_Hashable(params), time_ids=None)
+    ctx = jax.tree_util.tree_map(lambda shape: spec((batch, *shape), jnp.float32), context, is_leaf=lambda x: isinstance(x, tuple))
+    return _residual_bytes(key, spec((batch, *latent), jnp.float32), ctx, remat)
+
+
+class _Hashable:
+    """A pytree of ShapeDtypeStructs that hashes by its structure (the residual cache's key)."""
+
+    def __init__(self, tree):
+        self.tree, self.key = tree, str(jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), tree))
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Hashable) and self.key == other.key
+
+
+def param_bytes(model: Denoiser) -> int:
+    """Bytes of the UNet's parameters."""
+    return sum(a.size * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(model.params))
+
+
+def check_remat(remat: str) -> None:
+    if remat != "auto" and remat not in REMAT_MODES:
+        raise ValueError(f"remat must be auto or one of {', '.join(REMAT_MODES)}, got {remat!r}")
+
+
+def plan_program(model: Denoiser, method: str, remat: str, batch: int, lower: Callable[[int, str], Any], key: tuple, *,
+                 max_device_memory: Optional[float] = None, latent: Sequence[int] = (), context: Any = ()) -> Choice:
+    """Remat mode and rows per call for `batch` images per device, from the compiled candidates
+    (`planning.choose`): every mode for null-text under "auto", else the one given ("none" for
+    the methods with no gradient). The gradient's residual bytes order the candidates."""
+    check_remat(remat)
+    modes = ("none",) if method != "null-text" else REMAT_MODES if remat == "auto" else (remat,)
+    budget = budget_bytes(max_device_memory, param_bytes(model))
+    estimate = None
+    if method == "null-text" and latent:
+        estimate = lambda rows, mode: gradient_residual_bytes(model, rows, latent, context, mode)
+    return choose((method,) + key, batch, modes, lower, budget, estimate)

@@ -37,6 +37,24 @@ def remat_block(cls: type, mode: str, static_argnums: tuple = ()) -> type:
     return nn.remat(cls, policy=policy, static_argnums=static_argnums)
 
 
+def _time_embedding(unet: "UNet2DConditionModel", t: jax.Array, added: Optional[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """The timestep embedding (B, 4 c0) of timesteps t (B,), plus SDXL's added embedding of the
+    pooled text and the time ids; its parameters the UNet's own."""
+    cfg, dt = unet.config, unet.dtype
+    c0 = cfg.block_out_channels[0]
+    dense = lambda name: nn.Dense(4 * c0, dtype=dt, name=name, parent=unet)
+    temb = timestep_embedding(t, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dt)
+    temb = dense("time_embedding.linear_2")(nn.silu(dense("time_embedding.linear_1")(temb)))
+    if cfg.addition_embed_type != "text_time":
+        return temb
+    if added is None:
+        raise ValueError("this UNet takes SDXL's added conditioning: (pooled text embeddings, time ids)")
+    pooled, time_ids = added
+    ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+    aug = jnp.concatenate([pooled.astype(jnp.float32), ids.reshape(pooled.shape[0], -1)], axis=-1).astype(dt)
+    return temb + dense("add_embedding.linear_2")(nn.silu(dense("add_embedding.linear_1")(aug)))
+
+
 def _output_head(unet: "UNet2DConditionModel", x: jax.Array) -> jax.Array:
     """conv_out(silu(conv_norm_out(x))), its parameters the UNet's own."""
     cfg, dt = unet.config, unet.dtype
@@ -243,20 +261,8 @@ class UNet2DConditionModel(nn.Module):
         )
         sample = sample.astype(dt)
         context = context.astype(dt)
-        t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        temb = _time_embedding(self, jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],)), added)
         c0 = cfg.block_out_channels[0]
-        temb = timestep_embedding(t, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dt)
-        temb = nn.Dense(4 * c0, dtype=dt, name="time_embedding.linear_1")(temb)
-        temb = nn.Dense(4 * c0, dtype=dt, name="time_embedding.linear_2")(nn.silu(temb))
-        if cfg.addition_embed_type == "text_time":
-            if added is None:
-                raise ValueError("this UNet takes SDXL's added conditioning: (pooled text embeddings, time ids)")
-            pooled, time_ids = added
-            ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-            aug = jnp.concatenate([pooled.astype(jnp.float32), ids.reshape(pooled.shape[0], -1)], axis=-1).astype(dt)
-            aug = nn.Dense(4 * c0, dtype=dt, name="add_embedding.linear_1")(aug)
-            temb = temb + nn.Dense(4 * c0, dtype=dt, name="add_embedding.linear_2")(nn.silu(aug))
-
         x = conv(c0, 3, "conv_in", dt)(sample)
         skips = [x]
         n = len(cfg.block_out_channels)

@@ -259,7 +259,8 @@ def to_frame(image: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize((FRAME, FRAME), Image.BICUBIC))
 
 
-def _result(out_dir: str, row: dict) -> Optional[dict]:
+def finished_record(out_dir: str, row: dict) -> Optional[dict]:
+    """The image's metrics.json when the run finished it with its edits, else None."""
     m = read_json(os.path.join(out_dir, row["name"], "metrics.json"))
     return m if m is not None and m.get("status") == "done" and m.get("edits") else None
 
@@ -278,7 +279,7 @@ def write_pnp_layout(out_dir: str, data_dir: str, rows: Sequence[dict]) -> dict:
     Returns {"written": n, "missing": [ids without a finished result], "method": name}."""
     written, missing, methods = 0, [], set()
     for row in rows:
-        res = _result(out_dir, row)
+        res = finished_record(out_dir, row)
         if res is None:
             missing.append(row["pie_id"])
             continue

@@ -18,7 +18,7 @@ from nti_jax.pie.bench import (
     FRAME,
     PNP_METHODS,
     TYPES,
-    _result,
+    finished_record,
     load_mapping,
     mask_decode,
     pnp_image_path,
@@ -225,7 +225,7 @@ def _score(data_dir: str, out_dir: str, rows: Sequence[dict], ssim_border: str, 
     mapping = load_mapping(data_dir)
     per_image, missing, methods = [], [], set()
     for row in rows:
-        res = _result(out_dir, row)
+        res = finished_record(out_dir, row)
         path = pnp_image_path(out_dir, res["method"], row["image_path"]) if res else None
         if path is None or not os.path.isfile(path):
             missing.append(row["pie_id"])

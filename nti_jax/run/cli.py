@@ -25,7 +25,7 @@ from nti_jax.pie import bench as pie_bench
 from nti_jax.core.controllers import GUIDANCE
 from nti_jax.run.driver import Driver
 from nti_jax.errors import NtiError, UsageError, one_line
-from nti_jax.core.inversion import REMAT_MODES
+from nti_jax.models.unet import REMAT_MODES
 from nti_jax.run.ledger import Ledger, check_folder
 from nti_jax.run.manifest import PACKAGE_DIR, Item, assign_names, check_items, collect_items
 from nti_jax.loading.pipeline import DTYPES, load_pipeline
@@ -51,7 +51,7 @@ manifest (--manifest FILE.jsonl), one JSON object a line; image paths are relati
   optional per row: "name" (output folder), "crop" [left, right, top, bottom]; other keys are the
   row's own data (ignored), but one that looks like a misspelt key ("edit") is an error; no two
   rows may name the same output folder.
-  Edit settings (nti_jax.p2p.controller_from_settings): kind (auto|replace|refine),
+  Edit settings (nti_jax.core.controllers.controller_from_settings): kind (auto|replace|refine),
   cross_replace_steps, self_replace_steps, equalizer {word: factor}, blend_words (word lists,
   source first), blend_threshold, blend_start, max_self_size, substruct_words,
   substruct_threshold, mapping (original|aligned), guidance (plain|single-branch|proximal|

@@ -28,7 +28,7 @@ from nti_jax.core.inversion import Inversion
 from nti_jax.io import load_image
 from nti_jax.run.ledger import Ledger, State
 from nti_jax.run.manifest import Item
-from nti_jax.core.parallel import Batch, ShardedInverter, per_device_batch
+from nti_jax.core.parallel import Batch, EditJob, ShardedInverter, per_device_batch
 from nti_jax.run.hosts import FileBarrier, host_share
 from nti_jax.loading.pipeline import Pipeline
 from nti_jax.records import damage
@@ -158,7 +158,7 @@ class Driver:
             except Exception as e:  # noqa: BLE001 - recorded per image
                 out[k][1] = one_line(e)
                 continue
-            requests += [(k, s) for s in specs]
+            requests += [EditJob(k, s) for s in specs]
             owner += [k] * len(specs)
         results = self.inverter.edit(self.pipe, on, requests) if requests else []
         done: dict = {}
@@ -170,12 +170,12 @@ class Driver:
                 out[k][1] = one_line(failed[0])
                 continue
             job, inv = jobs[k], invs[k]
-            edits = [images for images, _ in rs] if job.item.edits else []
-            first = rs[0][1][:1]
+            edits = [r.images for r in rs] if job.item.edits else []
+            first = rs[0].maps[:1]
             job.heatmaps = {"attention.png": heatmaps.attention_sheet(self.pipe, inv.prompts[:1], job.pixels[None], first)}
             if self.cfg.attention:
-                for q, (e, (images, m)) in enumerate(zip(job.item.edits, rs)):
-                    job.heatmaps["attention-" + edit_file(q, e)] = heatmaps.attention_sheet(self.pipe, [inv.prompts[0], e["prompt"]], images, m)
+                for q, (e, r) in enumerate(zip(job.item.edits, rs)):
+                    job.heatmaps["attention-" + edit_file(q, e)] = heatmaps.attention_sheet(self.pipe, [inv.prompts[0], e["prompt"]], r.images, r.maps)
             out[k][0] = edits
         return [tuple(o) for o in out]
 
@@ -196,8 +196,7 @@ class Driver:
             job.pixels = load_image(os.path.join(w.folder, INPUT), self.pipe.image_size)
             recon = files.get(RECONSTRUCTION)
             if recon is not None and damage(w.folder, {RECONSTRUCTION: recon}, self.log.verify):
-                image, _, _ = self.inverter.reconstruct(self.pipe, inv)
-                w.png(RECONSTRUCTION, np.asarray(image[0]))
+                w.png(RECONSTRUCTION, np.asarray(self.inverter.reconstruct(self.pipe, inv).images[0]))
             ((edits, edit_error),) = self.edit_images(inv, [job], [inv])
             if edit_error is not None:
                 raise NtiError(edit_error)

@@ -18,7 +18,7 @@ import re
 from typing import Optional, Sequence
 
 from nti_jax.errors import UsageError
-from nti_jax.core.p2p import SETTINGS_KEYS, controller_from_settings
+from nti_jax.core.controllers import SETTINGS_KEYS, controller_from_settings
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # nti_jax/
 DEFAULT_MANIFEST = os.path.join(PACKAGE_DIR, "toy", "samples", "samples.jsonl")
