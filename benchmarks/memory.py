@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nti_jax.core import null_text, parallel, planning  # noqa: E402
 from nti_jax.loading import pipeline  # noqa: E402
-from nti_jax.core.conditioning import TextCond  # noqa: E402
+from nti_jax.loading.conditioning import TextCond  # noqa: E402
 from nti_jax.core.sampling import Denoiser  # noqa: E402
 from nti_jax.core.schedule import Schedule  # noqa: E402
 from nti_jax.models.unet import REMAT_MODES  # noqa: E402

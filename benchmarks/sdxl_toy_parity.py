@@ -24,7 +24,7 @@ def main(folder: str) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     import nti_jax
-    from nti_jax.core.conditioning import TextCond
+    from nti_jax.loading.conditioning import TextCond
     from nti_jax.core.sampling import Denoiser
     from nti_jax.testing import rel_err
 

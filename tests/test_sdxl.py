@@ -13,7 +13,7 @@ import torch
 
 import nti_jax
 from benchmarks import torch_reference as tr
-from nti_jax.core.conditioning import TextCond
+from nti_jax.loading.conditioning import TextCond
 from nti_jax.errors import ModelError
 from nti_jax.core.sampling import Denoiser
 from nti_jax.testing import rel_err as rel

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nti_jax.core import conditioning as cnd
+from nti_jax.loading import conditioning as cnd
 from nti_jax.core.controllers import Controller
 from nti_jax.core.inversion import Inversion
 from nti_jax.core.null_text import Progress

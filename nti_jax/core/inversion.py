@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from nti_jax.core import conditioning as cnd
-from nti_jax.core.conditioning import Cond, TextCond
+from nti_jax.loading import conditioning as cnd
+from nti_jax.loading.conditioning import Cond, TextCond
 from nti_jax.core.sampling import model_schedule
 from nti_jax.core.schedule import Schedule
 from nti_jax.core.settings import InvertSettings

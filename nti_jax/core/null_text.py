@@ -17,8 +17,8 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from nti_jax.core import conditioning as cnd
-from nti_jax.core.conditioning import Cond, TextCond
+from nti_jax.loading import conditioning as cnd
+from nti_jax.loading.conditioning import Cond, TextCond
 from nti_jax.core.inversion import Inversion
 from nti_jax.core.planning import with_remat
 from nti_jax.core.sampling import Denoiser, guide, model_schedule

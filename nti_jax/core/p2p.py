@@ -30,8 +30,8 @@ from nti_jax.core.controllers import (
     auto_controller,
     window,
 )
-from nti_jax.core import conditioning as cnd
-from nti_jax.core.conditioning import Cond
+from nti_jax.loading import conditioning as cnd
+from nti_jax.loading.conditioning import Cond
 from nti_jax.errors import PromptError
 from nti_jax.core.inversion import Inversion
 from nti_jax.models import AttentionPlace

@@ -22,7 +22,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-from nti_jax.core.conditioning import Cond
+from nti_jax.loading.conditioning import Cond
 from nti_jax.core.sampling import Denoiser
 from nti_jax.models.unet import REMAT_MODES
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from nti_jax.core import conditioning as cnd
-from nti_jax.core.conditioning import Cond, TextCond
+from nti_jax.loading import conditioning as cnd
+from nti_jax.loading.conditioning import Cond, TextCond
 from nti_jax.models import AttentionHook, UNet2DConditionModel
 from nti_jax.loading.pipeline import Pipeline
 from nti_jax.core.schedule import Schedule, ddim_schedule, denoise_step, to_eps

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nti_jax.core import conditioning as cnd
-from nti_jax.core.conditioning import Cond, TextCond
+from nti_jax.loading import conditioning as cnd
+from nti_jax.loading.conditioning import Cond, TextCond
 from nti_jax.loading.convert import from_torch_layout, load_state
 from nti_jax.loading.model_config import CONFIG_ADVICE, check_folder, model_family, read_configs, weight_files
 from nti_jax.errors import ModelError, PromptError, PromptTruncatedWarning

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from nti_jax.core import conditioning as cnd
+from nti_jax.loading import conditioning as cnd
 from nti_jax.loading import pipeline as pl
 from nti_jax.models import AutoencoderKL
 from nti_jax.core.schedule import train_alphas_cumprod
