@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from nti_jax.core import heatmaps, p2p
+from nti_jax.core import controllers, heatmaps, p2p
 from nti_jax.errors import NtiError, PromptError, PromptTruncatedWarning, one_line
 from nti_jax.core.inversion import Inversion
 from nti_jax.io import load_image
@@ -136,7 +136,7 @@ class Driver:
     @staticmethod
     def controller(it: Item, edit: dict):
         settings = {k: v for k, v in edit.items() if k != "prompt"}
-        return p2p.controller_from_settings(it.prompt, [edit["prompt"]], settings)
+        return controllers.controller_from_settings(it.prompt, [edit["prompt"]], settings)
 
     def edit_images(self, on: Inversion, jobs: list[Work], invs: list[Inversion]) -> list[tuple[Optional[list], Optional[str]]]:
         """(edited images (1 + n, H, W, 3) per edit, or None; error or None) per image: row k of
