@@ -73,16 +73,16 @@ def test_edits_of_a_batch_equal_edits_one_by_one(pipe, images):
     blend = nti_jax.Replace(blend=nti_jax.LocalBlend([["circle"], ["circle"]], threshold=0.3))
     asks = [(0, ["a blue circle on a blue background"], None), (1, ["a green square on a black background"], None),
             (0, ["a green circle on a blue background"], blend)]
-    specs = [(row, p2p.edit_spec(pipe, host[row], t, controller=c)) for row, t, c in asks]
-    specs.append((1, p2p.edit_spec(pipe, host[1], [], edit=False)))
-    assert specs[0][1].key == specs[1][1].key != specs[2][1].key
+    specs = [parallel.EditJob(row, p2p.edit_spec(pipe, host[row], t, controller=c)) for row, t, c in asks]
+    specs.append(parallel.EditJob(1, p2p.edit_spec(pipe, host[1], [], edit=False)))
+    assert specs[0].spec.key == specs[1].spec.key != specs[2].spec.key
     out = inverter.edit(pipe, batch.inv, specs)
-    for (row, targets, controller), (images_out, maps) in zip(asks, out):
+    for (row, targets, controller), (images_out, maps, _) in zip(asks, out):
         ref = nti_jax.edit(pipe, host[row], targets, controller=controller)
         assert images_out.shape == ref.shape == (2, 64, 64, 3)
         np.testing.assert_allclose(images_out, ref, atol=2e-5)
         np.testing.assert_allclose(maps, nti_jax.attention_maps(pipe, host[row], targets, controller=controller), atol=1e-5)
-    images_1, maps_1 = out[3]
+    images_1, maps_1, _ = out[3]
     assert images_1.shape == (1, 64, 64, 3)
     np.testing.assert_allclose(maps_1, nti_jax.attention_maps(pipe, host[1]), atol=1e-5)
 
