@@ -54,22 +54,25 @@ def test_flash_pads_to_lanes_and_refuses_ragged_queries():
     assert "not a multiple of 128" in flash.unsupported((1, 100, 8, 40), (1, 77, 8, 40))
 
 
-def _kernels(platform, lq):
-    """The primitives the fused attention path traces to for `platform` at `lq` queries."""
+def _kernels(platform, lq, lk=None):
+    """The primitives the fused attention path traces to for `platform` at `lq` queries over `lk`
+    keys (default: self-attention)."""
     q = jax.ShapeDtypeStruct((1, lq, 2, 40), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 77, 2, 40), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, lk or lq, 2, 40), jnp.bfloat16)
     with backend.on_platform(platform):
         jaxpr = jax.make_jaxpr(jax.grad(lambda q, k: jnp.sum(attention.fused_attention(q, k, k, 0.1).astype(jnp.float32))))(q, k)
     return str(jaxpr)
 
 
-def test_fused_attention_takes_flash_on_tpu_for_long_layers_only(monkeypatch):
+def test_fused_attention_takes_flash_on_tpu_for_long_self_attention_only(monkeypatch):
     monkeypatch.delenv("NTI_JAX_ATTENTION", raising=False)
-    assert "pallas_call" in _kernels("tpu", attention.FLASH_MIN_QUERIES)
+    n = attention.FLASH_MIN_TOKENS
+    assert "pallas_call" in _kernels("tpu", n)
     assert "pallas_call" not in _kernels("tpu", 256)
-    assert "pallas_call" not in _kernels("cpu", attention.FLASH_MIN_QUERIES)
+    assert "pallas_call" not in _kernels("tpu", n, 77)  # a cross-attention stays on XLA's
+    assert "pallas_call" not in _kernels("cpu", n)
     monkeypatch.setenv("NTI_JAX_ATTENTION", "xla")  # the override still wins
-    assert "pallas_call" not in _kernels("tpu", attention.FLASH_MIN_QUERIES)
+    assert "pallas_call" not in _kernels("tpu", n)
 
 
 def test_target_platform_precedence_and_jit_cache(monkeypatch):
@@ -114,7 +117,8 @@ _LOWER_TWICE = textwrap.dedent("""
     for name, devices in (("cpu", jax.devices()[:1]), ("tpu", tpu)):
         mesh = Mesh(np.array(devices), ("batch",))
         spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P()))
-        args = jax.tree_util.tree_map(spec, (params, jnp.zeros((1, 1024, 2, 40), jnp.bfloat16), jnp.zeros((1, 77, 2, 40), jnp.bfloat16), x))
+        qk = jnp.zeros((1, 1024, 2, 40), jnp.bfloat16)
+        args = jax.tree_util.tree_map(spec, (params, qk, qk, x))
         with jax.set_mesh(mesh):
             hlo = program.lower(*args).compile().as_text()
         out[name] = {"pallas": "tpu_custom_call" in hlo, "conditional": " conditional(" in hlo}

@@ -9,7 +9,7 @@ it names, the others taking the first path.
 On the first path nothing of size Lq x Lk outlives the layer. The kernel is chosen for the
 platform the program targets (`ATTENTION`, `backend.kernel_choice`): on GPU in bfloat16/float16
 cuDNN's flash attention; on TPU Pallas' flash attention (`flash.py`) for layers of at least
-`FLASH_MIN_QUERIES` queries, XLA's attention below; elsewhere XLA's attention under
+`FLASH_MIN_TOKENS` queries and keys (the long self-attentions); elsewhere XLA's attention under
 `jax.checkpoint`, so a gradient keeps q, k, v and recomputes the probabilities (a 64x64
 self-attention of SD 1.5 would otherwise keep two float32 copies of its 8 x 4096 x 4096
 probabilities, 1 GiB per image per layer); on CPU one chunk of queries at a time (XLA:CPU would
@@ -44,13 +44,16 @@ class AttentionPlace(NamedTuple):
 AttentionHook = Callable[[jax.Array, AttentionPlace], jax.Array]
 # The fused path's kernel per platform ($NTI_JAX_ATTENTION overrides): "cudnn" (where cuDNN takes
 # the dtype and head size, else "xla"), "flash" (Pallas' TPU kernel for layers of at least
-# FLASH_MIN_QUERIES queries, else "xla"), "xla" (XLA's attention, all queries at once) or
+# FLASH_MIN_TOKENS queries and keys, else "xla"), "xla" (XLA's attention, all queries at once) or
 # "chunked" (XLA's, over chunks of queries: memory for time, where memory is short).
 ATTENTION = {"gpu": "cudnn", "cpu": "chunked", "tpu": "flash", "default": "xla"}
 ATTENTION_CHOICES = ("cudnn", "flash", "xla", "chunked")
-# The fewest queries a layer gives the flash kernel (TPU): the per-layer table in
-# benchmarks/tpu_aot.py's `layers` (XLA:TPU's bytes and temporaries against the kernel's).
-FLASH_MIN_QUERIES = 1024
+# The fewest queries and keys a layer gives the flash kernel (TPU), from the per-layer table of
+# `benchmarks/tpu_aot.py layers` (v5e, bf16, forward + backward): SD 1.5's and SDXL's
+# self-attentions of 4096 and 1024 tokens move 2-3x fewer bytes with it (and at 4096 keep 24 MiB
+# of temporaries per image instead of 768); the 77-key cross-attentions (keys padded to 128,
+# head sizes to 128) and the 256-token layers move more with it than with XLA's attention.
+FLASH_MIN_TOKENS = 1024
 # The most logits one chunk computes: B x heads x queries x keys elements (32 MiB in float32); SD
 # 1.5 at 512 px runs its 64x64 layers in 16 chunks of queries per image. At SD 1.5 size, in
 # float32 at batch 1 on CPU, 2**25 needed 0.22 GiB more temporaries and 2**24 0.03 GiB more.
@@ -123,7 +126,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
     anything else warns."""
     kind = kernel_choice("attention", ATTENTION, ATTENTION_CHOICES)
     if kind == "flash":
-        if q.shape[1] >= FLASH_MIN_QUERIES and flash.unsupported(q.shape, k.shape) is None:
+        if min(q.shape[1], k.shape[1]) >= FLASH_MIN_TOKENS and flash.unsupported(q.shape, k.shape) is None:
             return flash.flash_attention(q, k, v, scale)
         kind = "xla"
     if kind == "cudnn":

@@ -63,6 +63,15 @@ def padded(q_shape: tuple, k_shape: tuple) -> Padded:
     return Padded(lq, lk, d, block(lq), block(lk))
 
 
+def block_sizes(p: Padded) -> pallas_flash.BlockSizes:
+    """The kernel's tiles for a layer, forward and backward alike."""
+    return pallas_flash.BlockSizes(
+        block_q=p.block_q, block_k_major=p.block_k, block_k=p.block_k, block_b=1,
+        block_q_major_dkv=p.block_q, block_k_major_dkv=p.block_k, block_k_dkv=p.block_k, block_q_dkv=p.block_q,
+        block_k_major_dq=p.block_k, block_k_dq=p.block_k, block_q_dq=p.block_q,
+    )
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """Attention of (B, Lq, heads, d) queries over (B, Lk, heads, d) keys/values with the Pallas
     TPU kernel, (B, Lq, heads, d); differentiable in q, k and v. On a CPU it runs only under
@@ -79,11 +88,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
     if p.lk != lk:  # the padded keys are another segment than every query
         kv_ids = jnp.broadcast_to((jnp.arange(p.lk) < lk).astype(jnp.int32), (b, p.lk))
         segments = pallas_flash.SegmentIds(q=jnp.ones((b, lq), jnp.int32), kv=kv_ids)
-    blocks = pallas_flash.BlockSizes(
-        block_q=p.block_q, block_k_major=p.block_k, block_k=p.block_k, block_b=1,
-        block_q_major_dkv=p.block_q, block_k_major_dkv=p.block_k, block_k_dkv=p.block_k, block_q_dkv=p.block_q,
-        block_k_major_dq=p.block_k, block_k_dq=p.block_k, block_q_dq=p.block_q,
-    )
+    blocks = block_sizes(p)
     out = pallas_flash.flash_attention(qp, kp, vp, None, segments, sm_scale=scale, block_sizes=blocks)
     return jnp.swapaxes(out[..., :d], 1, 2)
 
