@@ -73,7 +73,7 @@ def required_points(tiny: bool) -> list[Point]:
     sd, xl = ("tiny", "tiny-xl") if tiny else ("sd15", "sdxl")
     batches = (2,) if tiny else (1, 4, 8, 16)
     return ([Point(f"{sd}-invert-b{b}", sd, "invert", b) for b in batches]
-            + [Point(f"{sd}-reconstruct-b1", sd, "reconstruct", 1), Point(f"{sd}-edit-r2", sd, "edit", 2),
+            + [Point(f"{sd}-reconstruct-b1", sd, "reconstruct", 1, "none"), Point(f"{sd}-edit-r2", sd, "edit", 2, "none"),
                Point(f"{xl}-invert-b1", xl, "invert", 1)])
 
 
