@@ -2,7 +2,7 @@
 
     pip install -r requirements-tpu.txt
     python benchmarks/tpu_aot.py                          # the required points on a v5e, a JSON line each
-    python benchmarks/tpu_aot.py --tiny                   # the CI form: a tiny model, seconds a point
+    python benchmarks/tpu_aot.py --tiny --jobs 2          # the CI form: tiny models, seconds a point
     python benchmarks/tpu_aot.py --only sd15-invert-b8 --deadline 900 --json points.jsonl
     python benchmarks/tpu_aot.py layers --batches 1,8     # per attention layer: XLA's kernels vs flash
 
@@ -315,27 +315,35 @@ def run_point(pt: Point, chip: str, reserve: float) -> None:
     emit(dict(dataclasses.asdict(pt), reserve_gib=reserve, **run(pt, pipe, model, mesh, chip, reserve, emit)))
 
 
+def run_one(pt: Point, args) -> dict:
+    """One point in its own process under the deadline: its last JSON line, or why none came."""
+    cmd = [sys.executable, os.path.abspath(__file__), "point", json.dumps(dataclasses.asdict(pt)),
+           "--chip", args.chip, "--reserve-gib", str(args.reserve_gib)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.deadline)
+        out, err, why = res.stdout, res.stderr, None if res.returncode == 0 else f"exit {res.returncode}"
+    except subprocess.TimeoutExpired as e:
+        out, err, why = _text(e.stdout), _text(e.stderr), f"deadline {args.deadline} s"
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    row = lines[-1] if lines else {"point": pt.name, "chip": args.chip}
+    if why:
+        row = dict(row, error=why, stderr_tail=(err.strip().splitlines() or [""])[-1][-300:])
+    return row
+
+
 def run_all(points: list[Point], args) -> list[dict]:
-    """Every point in its own process under the deadline; its last JSON line, or why none came."""
+    """Every point (`--jobs` processes at a time), a line each as it ends, appended to --json."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     rows = []
-    for pt in points:
-        cmd = [sys.executable, os.path.abspath(__file__), "point", json.dumps(dataclasses.asdict(pt)),
-               "--chip", args.chip, "--reserve-gib", str(args.reserve_gib)]
-        env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.deadline, env=env)
-            out, err, why = res.stdout, res.stderr, None if res.returncode == 0 else f"exit {res.returncode}"
-        except subprocess.TimeoutExpired as e:
-            out, err, why = _text(e.stdout), _text(e.stderr), f"deadline {args.deadline} s"
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        row = lines[-1] if lines else {"point": pt.name, "chip": args.chip}
-        if why:
-            row = dict(row, error=why, stderr_tail=(err.strip().splitlines() or [""])[-1][-300:])
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for done in as_completed([pool.submit(run_one, pt, args) for pt in points]):
+            row = done.result()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -407,6 +415,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reserve-gib", type=float, default=1.0, help="HBM kept back from 'fits' (runtime, fragmentation)")
     ap.add_argument("--deadline", type=float, default=900.0, help="seconds per point's process")
     ap.add_argument("--json", default="", help="append each point's line to this file")
+    ap.add_argument("--jobs", type=int, default=1, help="points compiled at once (each its own process)")
     ap.add_argument("--models", default="sd15,sdxl", help="(layers) models")
     ap.add_argument("--batches", default="1,8", help="(layers) batches")
     args = ap.parse_args(argv)

@@ -33,7 +33,7 @@ def _roofline(c: dict) -> float:
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("tpu-aot") / "points.jsonl"
-    _run("--tiny", "--json", str(out), "--deadline", "600")
+    _run("--tiny", "--jobs", "2", "--json", str(out), "--deadline", "600")
     return {r["point"]: r for r in map(json.loads, out.read_text().splitlines())}
 
 
