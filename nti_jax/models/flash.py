@@ -94,8 +94,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
 
 
 def traffic(q_shape: tuple, k_shape: tuple, itemsize: int, backward: bool) -> dict:
-    """The kernel's HBM bytes and FLOPs for one call, counted from its tiling (an estimate: XLA's
-    cost analysis sees a custom call only as far as the kernel declares). Forward: q and o once,
+    """The kernel's HBM bytes and FLOPs for one call (with `backward`, its forward and backward),
+    counted from its tiling (an estimate: XLA's cost analysis sees a custom call only as far as
+    the kernel declares). Forward: q and o once,
     K and V once per block of queries. Backward (dK/dV pass over key blocks reading q, o, dO
     per key block; dQ pass over query blocks reading K, V per query block); both passes recompute
     the logits from the kept l and m: 4 matmuls in the first, 3 in the second."""
