@@ -5,6 +5,7 @@
     python benchmarks/tpu_aot.py --tiny --jobs 2          # the CI form: tiny models, seconds a point
     python benchmarks/tpu_aot.py --only sd15-invert-b8 --deadline 900 --json points.jsonl
     python benchmarks/tpu_aot.py layers --batches 1,8     # per attention layer: XLA's kernels vs flash
+    python benchmarks/tpu_aot.py unet --models sd15 --batches 1,8   # per UNet call only (no program)
 
 libtpu's compile-only client gives the chip (`jax.experimental.topologies`); nothing runs on a
 TPU. The programs are `core.parallel`'s, lowered over a one-chip mesh with abstract weights
@@ -405,9 +406,21 @@ def run_layers(args) -> None:
               f"{num(r['gflop'], '.2f')} | {num(r['gbytes'], '.3f')} | {num(r['roofline_us'], '.0f')} |")
 
 
+def run_unet(args) -> None:
+    """Per-call figures alone: a UNet forward and its gradient (`--remat`), a JSON line each."""
+    mesh = chip_mesh(args.chip)
+    for kind in args.models:
+        model = placed(Denoiser.of(memory.abstract_pipeline(kind, "bfloat16")), mesh)
+        for batch in args.batches:
+            for grad in ("", args.remat):
+                t, c = time.time(), unet_call(model, mesh, batch, grad)
+                call = f"gradient ({grad})" if grad else "forward"
+                print(json.dumps(dict(model=kind, batch=batch, call=call, seconds=round(time.time() - t, 1), roofline_ms=1e3 * roofline_s(c, args.chip), **c)), flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", nargs="?", default="run", choices=("run", "point", "layers"))
+    ap.add_argument("command", nargs="?", default="run", choices=("run", "point", "layers", "unet"))
     ap.add_argument("point", nargs="?", help="(point) the point as JSON")
     ap.add_argument("--tiny", action="store_true", help="tiny models (the CI test)")
     ap.add_argument("--only", default="", help="comma-separated point names")
@@ -416,14 +429,15 @@ def main(argv=None) -> None:
     ap.add_argument("--deadline", type=float, default=900.0, help="seconds per point's process")
     ap.add_argument("--json", default="", help="append each point's line to this file")
     ap.add_argument("--jobs", type=int, default=1, help="points compiled at once (each its own process)")
-    ap.add_argument("--models", default="sd15,sdxl", help="(layers) models")
-    ap.add_argument("--batches", default="1,8", help="(layers) batches")
+    ap.add_argument("--models", default="sd15,sdxl", help="(layers, unet) models")
+    ap.add_argument("--batches", default="1,8", help="(layers, unet) batches")
+    ap.add_argument("--remat", default="none", choices=REMAT_MODES, help="(unet) the gradient's remat mode")
     args = ap.parse_args(argv)
     if args.command == "point":
         return run_point(Point(**json.loads(args.point)), args.chip, args.reserve_gib)
-    if args.command == "layers":
+    if args.command in ("layers", "unet"):
         args.models, args.batches = args.models.split(","), [int(b) for b in args.batches.split(",")]
-        return run_layers(args)
+        return run_layers(args) if args.command == "layers" else run_unet(args)
     points = required_points(args.tiny)
     if args.only:
         points = [p for p in points if p.name in args.only.split(",")]
