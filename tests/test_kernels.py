@@ -21,11 +21,12 @@ def test_kernel_choice_reads_the_table_per_backend_and_the_override(monkeypatch)
     table, choices = attention.ATTENTION, attention.ATTENTION_CHOICES
     assert kernel_choice("attention", table, choices, "gpu") == "cudnn"
     assert kernel_choice("attention", table, choices, "cpu") == "chunked"
+    assert kernel_choice("attention", table, choices, "tpu") == "flash"
     assert kernel_choice("attention", table, choices, "some-new-backend") == "xla"
     monkeypatch.setenv("NTI_JAX_ATTENTION", "xla")
     assert kernel_choice("attention", table, choices, "gpu") == "xla"
-    monkeypatch.setenv("NTI_JAX_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="NTI_JAX_ATTENTION must be one of cudnn, xla, chunked"):
+    monkeypatch.setenv("NTI_JAX_ATTENTION", "splash")
+    with pytest.raises(ValueError, match="NTI_JAX_ATTENTION must be one of cudnn, flash, xla, chunked"):
         kernel_choice("attention", table, choices, "gpu")
 
 

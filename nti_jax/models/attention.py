@@ -6,13 +6,15 @@ receives the probabilities (B, heads, Lq, Lk) in float32 and the layer's `Attent
 returns probabilities of the same shape; with a `wants(place)` attribute it sees only the layers
 it names, the others taking the first path.
 
-On the first path nothing of size Lq x Lk outlives the layer. The kernel is chosen per backend
-(`ATTENTION`, `backend.kernel_choice`): on GPU in bfloat16/float16 cuDNN's flash attention;
-elsewhere XLA's attention under `jax.checkpoint`, so a gradient keeps q, k, v and recomputes the
-probabilities (a 64x64 self-attention of SD 1.5 would otherwise keep two float32 copies of its
-8 x 4096 x 4096 probabilities, 1 GiB per image per layer); on CPU and TPU one chunk of queries
-at a time (XLA:CPU would otherwise hold ~1.5 GiB of logits, probabilities and their gradients
-per image while it runs one such layer).
+On the first path nothing of size Lq x Lk outlives the layer. The kernel is chosen for the
+platform the program targets (`ATTENTION`, `backend.kernel_choice`): on GPU in bfloat16/float16
+cuDNN's flash attention; on TPU Pallas' flash attention (`flash.py`) for layers of at least
+`FLASH_MIN_TOKENS` queries and keys (the long self-attentions); elsewhere XLA's attention under
+`jax.checkpoint`, so a gradient keeps q, k, v and recomputes the probabilities (a 64x64
+self-attention of SD 1.5 would otherwise keep two float32 copies of its 8 x 4096 x 4096
+probabilities, 1 GiB per image per layer); on CPU one chunk of queries at a time (XLA:CPU would
+otherwise hold ~1.5 GiB of logits, probabilities and their gradients per image while it runs one
+such layer).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nti_jax.models import flash
 from nti_jax.models.backend import kernel_choice
 from nti_jax.models.resnet import tag
 
@@ -39,11 +42,18 @@ class AttentionPlace(NamedTuple):
 
 
 AttentionHook = Callable[[jax.Array, AttentionPlace], jax.Array]
-# The fused path's kernel per backend ($NTI_JAX_ATTENTION overrides): "cudnn" (where cuDNN takes
-# the dtype and head size, else "xla"), "xla" (XLA's attention, all queries at once) or "chunked"
-# (XLA's, over chunks of queries: memory for time, where memory is short).
-ATTENTION = {"gpu": "cudnn", "cpu": "chunked", "tpu": "chunked", "default": "xla"}
-ATTENTION_CHOICES = ("cudnn", "xla", "chunked")
+# The fused path's kernel per platform ($NTI_JAX_ATTENTION overrides): "cudnn" (where cuDNN takes
+# the dtype and head size, else "xla"), "flash" (Pallas' TPU kernel for layers of at least
+# FLASH_MIN_TOKENS queries and keys, else "xla"), "xla" (XLA's attention, all queries at once) or
+# "chunked" (XLA's, over chunks of queries: memory for time, where memory is short).
+ATTENTION = {"gpu": "cudnn", "cpu": "chunked", "tpu": "flash", "default": "xla"}
+ATTENTION_CHOICES = ("cudnn", "flash", "xla", "chunked")
+# The fewest queries and keys a layer gives the flash kernel (TPU), from the per-layer table of
+# `benchmarks/tpu_aot.py layers` (v5e, bf16, forward + backward): SD 1.5's and SDXL's
+# self-attentions of 4096 and 1024 tokens move 2-3x fewer bytes with it (and at 4096 keep 24 MiB
+# of temporaries per image instead of 768); the 77-key cross-attentions (keys padded to 128,
+# head sizes to 128) and the 256-token layers move more with it than with XLA's attention.
+FLASH_MIN_TOKENS = 1024
 # The most logits one chunk computes: B x heads x queries x keys elements (32 MiB in float32); SD
 # 1.5 at 512 px runs its 64x64 layers in 16 chunks of queries per image. At SD 1.5 size, in
 # float32 at batch 1 on CPU, 2**25 needed 0.22 GiB more temporaries and 2**24 0.03 GiB more.
@@ -111,10 +121,14 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, block
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """Attention of (B, Lq, heads, d) queries over (B, Lk, heads, d) keys/values, (B, Lq, heads, d),
-    keeping no Lq x Lk array for the backward pass, with this backend's kernel (`ATTENTION`).
+    keeping no Lq x Lk array for the backward pass, with the target platform's kernel (`ATTENTION`).
     cuDNN's refusal of a shape is never silent: a float32 model takes XLA's kernel by design,
     anything else warns."""
     kind = kernel_choice("attention", ATTENTION, ATTENTION_CHOICES)
+    if kind == "flash":
+        if min(q.shape[1], k.shape[1]) >= FLASH_MIN_TOKENS and flash.unsupported(q.shape, k.shape) is None:
+            return flash.flash_attention(q, k, v, scale)
+        kind = "xla"
     if kind == "cudnn":
         why = cudnn_unsupported(q)
         if why is None:
