@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks import memory  # noqa: E402
-from nti_jax.core import inversion, p2p, parallel  # noqa: E402
+from nti_jax.core import null_text, p2p, parallel, planning  # noqa: E402
 from nti_jax.core.sampling import Denoiser  # noqa: E402
 from nti_jax.core.schedule import Schedule  # noqa: E402
 from nti_jax.core.settings import InvertSettings  # noqa: E402
@@ -195,7 +195,7 @@ def unet_call(model: Denoiser, mesh, batch: int, grad_remat: str = "") -> dict:
     cond = placed(memory.cond_spec(model, (batch,)), mesh)
     if not grad_remat:
         return costs(lambda m, x, c: m(x, jnp.int32(500), c), (model, x, cond), mesh)
-    f = lambda m, x, c: jax.grad(lambda c: jnp.sum(inversion.with_remat(m, grad_remat)(x, jnp.int32(500), c)))(c)
+    f = lambda m, x, c: jax.grad(lambda c: jnp.sum(planning.with_remat(m, grad_remat)(x, jnp.int32(500), c)))(c)
     return costs(f, (model, x, cond), mesh)
 
 
@@ -206,10 +206,10 @@ def decode_call(pipe, mesh, batch: int) -> dict:
     return costs(fn, (placed(pipe.params["vae"], mesh), z), mesh)
 
 
-def invert_inputs(pipe, mesh, pt: Point) -> inversion.InvertInputs:
+def invert_inputs(pipe, mesh, pt: Point) -> null_text.InvertInputs:
     """The sharded null-text program's inputs for `pt.batch` images on the one-chip mesh."""
-    specs = inversion.abstract_inputs(pipe, InvertSettings(num_steps=pt.steps), pt.batch)
-    return inversion.InvertInputs(*[placed(a, mesh, s) for a, s in zip(specs, inversion.InvertInputs.specs(parallel.AXIS))])
+    specs = null_text.abstract_inputs(pipe, InvertSettings(num_steps=pt.steps), pt.batch)
+    return null_text.InvertInputs(*[placed(a, mesh, s) for a, s in zip(specs, null_text.InvertInputs.specs(parallel.AXIS))])
 
 
 def invert_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: Callable) -> dict:
@@ -258,8 +258,8 @@ def loop_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: Ca
 def lowered_fn(pt: Point, pipe, mesh):
     """The jitted program of a loop point (as `core.parallel` builds it)."""
     if pt.program == "reconstruct":
-        return parallel._reconstruct_program(mesh, False, pipe.vae, pipe.scaling_factor)
-    return parallel._edit_program(mesh, _edit_static(pipe, pt)[0], True, pipe.vae, pipe.scaling_factor)
+        return parallel.reconstruct_program(mesh, False, pipe.vae, pipe.scaling_factor)
+    return parallel.edit_program(mesh, _edit_static(pipe, pt)[0], True, pipe.vae, pipe.scaling_factor)
 
 
 def reconstruct_lowered(pipe, model, mesh, pt: Point):
