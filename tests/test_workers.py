@@ -98,6 +98,11 @@ def test_three_workers_share_nine_images(model, nine, warm, cache_dir, tmp_path)
     done = [r for p in (out / ".nti-run" / "rows").glob("*.jsonl") for r in records.read_jsonl(str(p))[0]]
     assert sorted(r["name"] for r in done) == [f"img{k}" for k in range(9)]  # no row lost or doubled
     assert all(r["status"] == "done" for r in done)
+    plan = json.loads((out / "img0" / "metrics.json").read_text())["plan"]  # what each image ran with
+    assert plan["rows_per_call"] == 1 and plan["devices"] >= 1 and plan["remat"] == "auto" and plan["oom_retries"] is None
+    assert set(plan["kernels"]) == {"attention", "conv_grad"}
+    versions = json.loads((out / "run.json").read_text())["versions"]
+    assert versions["jax"] == versions["jaxlib"] and versions["platform"] == "cpu"
 
 
 def test_worker_killed_mid_image_is_taken_over(model, nine, warm, cache_dir, tmp_path, capsys):

@@ -69,9 +69,10 @@ outputs: OUT/<name>/{inversion.safetensors, input.png, reconstruction.png, edit-
 
 several workers: start the same command any number of times on one OUT (a job array, VMs that
   may be preempted): each image is claimed by one worker (OUT/.nti-run/claims); the claim of a
-  worker that died is taken over at once on its host, else after --claim-timeout seconds without
-  its heartbeat. A worker with other settings is refused. Every worker merges results.jsonl and
-  the report from all workers' rows when it ends.
+  worker that died is taken over at once in its kernel and pid namespace, else once its heartbeat
+  has not changed for --claim-timeout seconds (by the taker's clock). A worker with other settings
+  is refused. Every worker merges results.jsonl and the report from all workers' rows when it
+  ends; the last one computes the PIE-Bench metrics and prunes OUT/.nti-run.
 
 devices and hosts: images are split over every local device (--batch-size rows per device).
   Several hosts: run the same command on each with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="redo images that a previous run finished")
     g.add_argument("--verify", action="store_true", help="check finished images' files against their recorded SHA-256 (always: their sizes) before skipping them")
     g.add_argument("--check", metavar="OUT", help="verify the finished images of output folder OUT (sizes and SHA-256) and run nothing: one line per damaged image, exit status 1 if any; with --verify, records the checksums of images written before checksums were (a migration)")
-    g.add_argument("--claim-timeout", type=_finite_float, metavar="S", help="seconds without a heartbeat after which another worker takes over a claimed image (default %(default)s; at once when the worker's pid is gone on this host)")
+    g.add_argument("--claim-timeout", type=_finite_float, metavar="S", help="seconds without a heartbeat after which another worker takes over a claimed image (default %(default)s; at once when the worker's pid is gone in this kernel and pid namespace); also how long a multi-host run waits for a process whose heartbeat stopped")
     g.add_argument("--step-progress", action="store_true", help="a progress bar over the diffusion steps of each batch (the inversion program is then not cached)")
     defaults = DEFAULT_SETTINGS.to_dict()
     p.set_defaults(out=DEFAULT_OUT, **RUN_DEFAULTS, **{_dest(flag): defaults[field] for field, flag in SETTING_FLAGS.items()})
