@@ -436,7 +436,7 @@ def summary(log: Ledger, items: list[Item], elapsed: float, interrupted: bool, b
                 print(f"could not finish the run's files: {one_line(e)}", file=sys.stderr)
     count = lambda s: sum(r.get("status") == s for r in rows)
     done, skipped, failed, pending = count("done"), count("skipped"), count("failed"), count("pending")
-    others = sum(r.get("worker") != log.me.id and r.get("time", 0) >= log.me.started for r in rows if r.get("status") != "pending")
+    others = sum(r.get("worker") != log.me.id and r.get("epoch") == log.epoch for r in rows if r.get("status") != "pending")
     rate = log.counts["done"] / elapsed if elapsed > 0 else 0.0
     line = f"{done} done, {skipped} skipped, {failed} failed"
     if log.repaired:
