@@ -370,7 +370,10 @@ def _run(args, cfg: RunConfig, argv: list[str]) -> int:
     barrier = hosts.FileBarrier(log.out, hosts.FileBarrier.new_token(), pid, nproc, cfg.claim_timeout)
     driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log)
     info = _write_run_info(argv, args, log.out, devices, nproc) if pid == 0 else None
-    return driver.run(barrier, on_done=lambda rows: _finish_run(rows, info, log.out, args.pie_bench if log.completes else None, pie_rows))
+    code = driver.run(barrier, on_done=lambda rows: _finish_run(rows, info, log.out, args.pie_bench if log.completes else None, pie_rows))
+    if barrier.lost:  # a process died: JAX's shutdown at exit would wait for it, then abort
+        hosts.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

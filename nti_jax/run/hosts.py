@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -131,6 +132,14 @@ def kernels(platform: str) -> dict:
             "conv_grad": kernel_choice("conv_grad", resnet.CONV_GRAD, resnet.CONV_GRAD_CHOICES, platform)}
 
 
+def exit_now(code: int) -> None:
+    """End this process with `code` at once, output flushed: after a process of a jax.distributed
+    run died, JAX's own shutdown would wait for it at exit and then abort this one (SIGABRT)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class PeerLost(RuntimeError):
     """A process of a multi-host run stopped before a barrier (its heartbeat went stale)."""
 
@@ -149,6 +158,7 @@ class FileBarrier:
         self.token, self.pid, self.nproc, self.timeout_s = token, process_index, process_count, timeout_s
         self.watch = Watch()
         self.heartbeat: Optional[Heartbeat] = None
+        self.lost: Optional[str] = None  # why a process was given up for dead, set by `wait`
         if process_count > 1:
             os.makedirs(self.dir, exist_ok=True)
             write_json(self._path("alive", process_index), {"host": HOST, "pid": os.getpid(), "process": process_index})
@@ -195,6 +205,7 @@ class FileBarrier:
                 return
             lost = [why for why in (self._lost(p, since) for p in missing) if why]
             if lost:
+                self.lost = lost[0]
                 raise PeerLost(lost[0])
             time.sleep(poll_s)
 
