@@ -161,10 +161,10 @@ def test_a_completed_run_is_pruned_once(tmp_path, monkeypatch):
     registrations pruned, its epoch recorded; a straggler does not complete it again; a worker
     started later begins the next epoch."""
     its = items(2)
-    first = ledger.Ledger(str(tmp_path), "K")
+    first = ledger.Ledger(str(tmp_path), "K", timeout_s=2)
     real = claims.Worker.me
     monkeypatch.setattr(claims.Worker, "me", classmethod(lambda cls: dataclasses.replace(real(), boot="another-machine")))
-    second = ledger.Ledger(str(tmp_path), "K")
+    second = ledger.Ledger(str(tmp_path), "K", timeout_s=2)  # elsewhere: known alive once seen beating
     for log in (first, second):
         log.register({})
         log.open()
@@ -185,3 +185,27 @@ def test_a_completed_run_is_pruned_once(tmp_path, monkeypatch):
         assert not first.completes and [r["status"] for r in rows] == ["done", "done"]
     later = ledger.Ledger(str(tmp_path), "K")
     assert (first.epoch, later.epoch) == (0, 1)
+
+
+class Steps(Clock):
+    """A monotonic clock that moves a second each time it is read."""
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_dead_worker_elsewhere_does_not_keep_the_run_open(tmp_path):
+    """A registration left by a worker killed on another machine: the last worker watches it
+    until stale (by its own clock) and completes the run."""
+    log = ledger.Ledger(str(tmp_path), "K", timeout_s=4, watch=claims.Watch(Steps()))
+    log.register({})
+    dead = tmp_path / ".nti-run" / "workers" / "elsewhere-1-dead.json"
+    records.write_json(str(dead), holder(host="elsewhere", pid=1, boot="b", pidns="n", run_key="K"))
+    log.open()
+    log.record(items(1)[0], "done")
+    log.close()
+    t0 = time.monotonic()
+    with log.merged(items(1)):
+        pass
+    assert log.completes and not dead.exists() and time.monotonic() - t0 < 30

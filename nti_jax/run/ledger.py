@@ -148,18 +148,26 @@ class Ledger:
             return None
         return reg
 
-    def _conflict(self) -> Optional[dict]:
-        """A live worker of another run key: one in this kernel and pid namespace is known alive
-        by its pid; one elsewhere once its heartbeat is seen to change (a dead one, once stale)."""
+    def _registrations(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.dir, "workers", "*.json")))
+
+    def _known_live(self, paths: Sequence[str]) -> list[dict]:
+        """Of the registrations at `paths`, those whose workers are known alive: by their pid in
+        this kernel and pid namespace, elsewhere once their heartbeat is seen to change. While
+        none is known and some are neither seen beating nor stale, they are watched until they
+        are one or the other (at most the timeout)."""
         while True:
-            others = [(p, self._live(p)) for p in sorted(glob.glob(os.path.join(self.dir, "workers", "*.json")))]
-            others = [(p, r) for p, r in others if r is not None and r.get("run_key") != self.run_key]
-            for path, reg in others:
-                if self.me.sees_pids_of(reg) or self.watch.beating(path):
-                    return reg
-            if not others:
-                return None
+            regs = [(p, r) for p, r in ((p, self._live(p)) for p in paths) if r is not None]
+            known = [r for p, r in regs if self.me.sees_pids_of(r) or self.watch.beating(p)]
+            if known or not regs:
+                return known
             time.sleep(min(1.0, self.timeout_s / 8))
+
+    def _conflict(self) -> Optional[dict]:
+        """A live worker of another run key (see `_known_live`)."""
+        others = [p for p in self._registrations() if (read_json(p) or {}).get("run_key") not in (None, self.run_key)]
+        live = self._known_live(others)
+        return live[0] if live else None
 
     def register(self, settings: dict) -> None:
         """Join the folder's workers; UsageError if a live one runs other settings or images
@@ -210,6 +218,7 @@ class Ledger:
                 return
             time.sleep(poll_s)
             yield held
+
     # -- images ----------------------------------------------------------------------------------
 
     def state(self, it: Item, full: Optional[bool] = None) -> State:
@@ -297,7 +306,7 @@ class Ledger:
         this epoch not completed by another; if so the epoch is recorded complete."""
         if any(r.get("status") == "pending" for r in rows) or completed_epoch(self.dir) >= self.epoch:
             return False
-        if any(self._live(p) is not None for p in glob.glob(os.path.join(self.dir, "workers", "*.json"))):
+        if self._known_live(self._registrations()):
             return False
         write_json(os.path.join(self.dir, COMPLETE), {"epoch": self.epoch, "run_key": self.run_key, "by": self.me.id})
         return True

@@ -2,12 +2,13 @@
 the image's record, last, listing them all.
 
 Fenced: a claim generation writes its files into its own staging folder
-(OUT/.nti-run/stage/<name>.<g>/), and `publish` moves them into OUT/<name>/ only while holding the
+(OUT/.nti-run/stage/<name>.<g>.<nonce>/), and `publish` moves them into OUT/<name>/ only while holding the
 run folder's publish lock and only if the worker still holds the image's claim (checked under that
 lock). A worker that stalled past --claim-timeout and lost the claim therefore never changes the
 files another worker finished: its check fails, or (stalled between check and rename) it holds
 the lock, and the newer holder's publish waits and lands after it. Check and rename are one step
-for every publisher, so neither can slip between the other's.
+for every publisher, so neither can slip between the other's. (A crash between the renames
+leaves files that do not match the old record: the next run redoes the image.)
 """
 
 from __future__ import annotations
