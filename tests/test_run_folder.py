@@ -209,3 +209,19 @@ def test_a_dead_worker_elsewhere_does_not_keep_the_run_open(tmp_path):
     with log.merged(items(1)):
         pass
     assert log.completes and not dead.exists() and time.monotonic() - t0 < 30
+
+
+def test_rounds_wait_for_held_images_until_finished(tmp_path):
+    """After its pass a worker plans again the images another worker holds, until their records
+    are finished, even if that worker died before marking its claim finished."""
+    log = ledger.Ledger(str(tmp_path), "K")
+    its = items(2)
+    for it in its:
+        records.write_json(str(tmp_path / ".nti-run" / "claims" / f"{it.name}.0"), holder(host="elsewhere", boot="b", pidns="n"))
+    rounds = log.rounds(its, poll_s=0)
+    assert next(rounds) == its and next(rounds) == its
+    os.makedirs(tmp_path / "img0")
+    records.write_json(str(tmp_path / "img0" / "metrics.json"), {"status": "done", "image": "img0.png", "key": "", "files": {}})
+    assert next(rounds) == its[1:]
+    records.write_json(str(tmp_path / ".nti-run" / "claims" / "img1.0"), holder(host="elsewhere", finished=1.0))
+    assert list(rounds) == []

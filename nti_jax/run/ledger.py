@@ -209,11 +209,13 @@ class Ledger:
 
     def rounds(self, share: Sequence[Item], poll_s: Optional[float] = None) -> Iterator[list[Item]]:
         """The images to plan: the whole share, then, until no other worker holds one unfinished,
-        those it holds (each round after a pause): a dead worker's claims go stale and are taken."""
+        those it holds (each round after a pause): a dead worker's claims go stale and are taken.
+        An image whose record is finished is not waited for (its worker may have died before
+        marking its claim)."""
         yield list(share)
         poll_s = min(5.0, max(0.2, self.timeout_s / 8)) if poll_s is None else poll_s
         while not self.stop:
-            held = [it for it in share if self.claims.waiting(it.name)]
+            held = [it for it in share if self.claims.waiting(it.name) and self.state(it, full=False).kind not in ("done", "taken")]
             if not held:
                 return
             time.sleep(poll_s)
