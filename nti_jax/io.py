@@ -12,6 +12,7 @@ go through PIL's conversion to RGB.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import tempfile
@@ -160,6 +161,17 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if needed) for the block: one process at
+    a time, on this host or any host sharing the folder where the filesystem supports flock; the
+    kernel drops the lock when its holder dies."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def save_png(image, path: str) -> None:

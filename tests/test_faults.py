@@ -681,8 +681,9 @@ def test_disk_full(kind, model, scenes, tmp_path, capsys):
         assert f"stopped: {words}" in err
         got = rows(out)
         assert [r["status"] for r in got] == ["skipped", "failed", "pending", "pending"]
-        # the first file of img1 that did not fit: one in its folder, or its claim
-        assert got[1]["error"].startswith((f"{words}: {out / 'img1'}", f"{words}: {out / '.nti-run' / 'claims' / 'img1'}")), got[1]["error"]
+        # the first file of img1 that did not fit: its folder, its claim, or a file its claim stages
+        where = (out / "img1", out / ".nti-run" / "claims" / "img1", out / ".nti-run" / "stage" / "img1.")
+        assert got[1]["error"].startswith(tuple(f"{words}: {w}" for w in where)), got[1]["error"]
         assert_one_line(got[1]["error"])
         assert finished(out, ["img0"]) == before
         assert not [f for d in os.listdir(out) if os.path.isdir(out / d) for f in os.listdir(out / d) if f.startswith(".tmp-")]

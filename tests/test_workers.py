@@ -1,8 +1,10 @@
 """Several workers on one output folder (nti_jax.run.claims, nti_jax.run.ledger), through scripts/invert.py.
 
 Three workers split nine images, each done exactly once; a worker killed with -9 mid-image leaves
-its claim to another; a worker with other settings is refused while one runs. The subprocesses
-share one compilation cache, warmed first in this process (a tiny model, 5 steps, no edits).
+its claim to another; a worker with other settings is refused while one runs; a worker stalled
+past --claim-timeout (SIGSTOP), before or inside its publish, never changes what the worker that
+took its image over finished. The subprocesses share one compilation cache, warmed first in this
+process (a tiny model, 5 steps, no edits).
 """
 
 import json
@@ -15,7 +17,7 @@ import time
 import pytest
 from PIL import Image
 
-from nti_jax.run import claims, cli, ledger, manifest
+from nti_jax.run import cli, ledger, writer
 from nti_jax import records, testing
 from nti_jax.toy import shapes
 
@@ -63,21 +65,19 @@ def wait_for(path_glob, proc, root, timeout=300.0) -> None:
         time.sleep(0.01)
 
 
-def history(out, name) -> list[dict]:
-    return claims.Claims(str(out / ".nti-run" / "claims"), claims.Worker.me(), 600).history(name)
-
-
 def assert_each_done_once(out, n=9) -> list[dict]:
-    """results.jsonl: one "done" row per image; every image's files intact; one finished claim."""
+    """results.jsonl: one "done" row per image, from the worker and claim generation its record
+    names; every image's files intact; the completed run's claims, stages and registrations pruned."""
     rows = records.read_jsonl(str(out / "results.jsonl"))[0]
     assert [r["index"] for r in rows] == list(range(n)) and [r["status"] for r in rows] == ["done"] * n, rows
-    lines, checked = ledger.check_folder(str(out))
-    assert lines == [] and checked == n
+    assert ledger.check_folder(str(out)) == ([], n, [])
     for r in rows:
-        finished = [c for c in history(out, r["name"]) if c.get("finished")]
-        assert len(finished) == 1, (r["name"], history(out, r["name"]))
         record = json.loads((out / r["name"] / "metrics.json").read_text())
-        assert record["worker"] == r["worker"] == "{host}-{pid}-{nonce}".format(**finished[0])
+        assert (record["worker"], record["generation"]) == (r["worker"], r["generation"])
+    left = sorted(os.listdir(out / ".nti-run"))
+    if "stage" in left:  # a stalled worker's, recreated after the prune and emptied
+        assert os.listdir(out / ".nti-run" / "stage") == [] and left.remove("stage") is None
+    assert left == ["complete.json", "merge.lock", "publish.lock", "rows"]
     return rows
 
 
@@ -98,6 +98,11 @@ def test_three_workers_share_nine_images(model, nine, warm, cache_dir, tmp_path)
     done = [r for p in (out / ".nti-run" / "rows").glob("*.jsonl") for r in records.read_jsonl(str(p))[0]]
     assert sorted(r["name"] for r in done) == [f"img{k}" for k in range(9)]  # no row lost or doubled
     assert all(r["status"] == "done" for r in done)
+    plan = json.loads((out / "img0" / "metrics.json").read_text())["plan"]  # what each image ran with
+    assert plan["rows_per_call"] == 1 and plan["devices"] >= 1 and plan["remat"] == "auto" and plan["oom_retries"] is None
+    assert set(plan["kernels"]) == {"attention", "conv_grad"}
+    versions = json.loads((out / "run.json").read_text())["versions"]
+    assert versions["jax"] == versions["jaxlib"] and versions["platform"] == "cpu"
 
 
 def test_worker_killed_mid_image_is_taken_over(model, nine, warm, cache_dir, tmp_path, capsys):
@@ -109,9 +114,8 @@ def test_worker_killed_mid_image_is_taken_over(model, nine, warm, cache_dir, tmp
     assert not (out / "img0" / "metrics.json").exists()  # killed mid-image
     assert cli.main(command(model, nine, out, images="img[0-2].png")[2:]) == 0
     assert "Traceback" not in capsys.readouterr().err
-    assert_each_done_once(out, 3)
-    first, second = history(out, "img0")
-    assert first["pid"] == dead.pid and not first.get("finished") and second["pid"] == os.getpid() and second["finished"]
+    rows = assert_each_done_once(out, 3)
+    assert rows[0]["generation"] == 1 and rows[0]["worker"].split("-")[-2] == str(os.getpid())
 
 
 def test_worker_with_other_settings_is_refused(model, nine, warm, cache_dir, tmp_path, capsys):
@@ -130,34 +134,81 @@ def test_worker_with_other_settings_is_refused(model, nine, warm, cache_dir, tmp
     assert_each_done_once(out, 3)
 
 
-def test_claims_of_another_host_expire(tmp_path):
-    """A claim from another host is taken over only once it has not been touched for the timeout;
-    one from a finished run is taken at once; two takers of one dead claim: one wins."""
-    me = claims.Worker.me()
-    c = claims.Claims(str(tmp_path), me, timeout_s=60)
-    other = {"host": "elsewhere", "pid": 1, "nonce": "x", "started": 0.0}
-    records.write_json(str(tmp_path / "a.0"), other)
-    assert not c.acquire("a")
-    old = time.time() - 120
-    os.utime(tmp_path / "a.0", (old, old))
-    rival = claims.Claims(str(tmp_path), claims.Worker(me.host, os.getppid(), "rival", time.time()), timeout_s=60)
-    assert c.acquire("a") and not rival.acquire("a")
-    assert [h["nonce"] for h in c.history("a")] == ["x", me.nonce] and c.mine("a")
-    records.write_json(str(tmp_path / "b.0"), dict(other, finished=old))
-    assert c.acquire("b") and c.generations("b") == [0, 1]
+SHORT = ["--claim-timeout", "4"]  # heartbeat every second; a stopped worker is stale after 4 s
 
 
-def test_merge_takes_each_images_latest_row(tmp_path):
-    """results.jsonl from every worker's rows: the latest row per image, a torn line skipped,
-    rows of another run key ignored, images with no row pending, in manifest order."""
-    items = [manifest.Item(index=k, image=f"img{k}.png", prompt="p", edits=[], name=f"img{k}") for k in range(4)]
-    rows = tmp_path / ".nti-run" / "rows"
-    rows.mkdir(parents=True)
-    row = lambda k, status, t: json.dumps({"name": f"img{k}", "status": status, "time": t}) + "\n"
-    (rows / "K.w1.jsonl").write_text(row(0, "failed", 1) + row(2, "done", 5) + '{"name": "img3", "sta')
-    (rows / "K.w2.jsonl").write_text(row(0, "done", 2))
-    (rows / "OTHER.w3.jsonl").write_text(row(1, "done", 9))
-    with ledger.Ledger(str(tmp_path), "K").merged(items) as got:
-        pass
-    assert [(r["index"], r["status"]) for r in got] == [(0, "done"), (1, "pending"), (2, "done"), (3, "pending")]
-    assert records.read_jsonl(str(tmp_path / "results.jsonl")) == (got, 0)
+def stopped(proc) -> bool:
+    with open(f"/proc/{proc.pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def wait_until(ok, procs, what, timeout=600.0) -> None:
+    t0 = time.time()
+    while not ok():
+        if any(p.poll() is not None for p in procs) or time.time() - t0 > timeout:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"a worker ended or stalled before {what}")
+        time.sleep(0.05)
+
+
+def files_of(folder) -> dict:
+    """Each file of an image folder: (inode, mtime): what a rename or rewrite changes."""
+    return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())}
+
+
+def finish(procs, logs) -> list[str]:
+    try:
+        codes = [p.wait(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    texts = [log.read_text() for log in logs]
+    assert codes == [0] * len(procs) and not any("Traceback" in t for t in texts), texts
+    return texts
+
+
+def test_stalled_worker_cannot_replace_what_another_finished(model, nine, warm, cache_dir, tmp_path):
+    """SIGSTOP a worker mid-image past a short --claim-timeout: another takes the image over and
+    finishes it; on SIGCONT the stalled worker drops its result, and the finished files stay the
+    ones the newer claim published (same inodes, same record)."""
+    out = tmp_path / "out"
+    cmd = command(model, nine, out, *SHORT, images="img[0-1].png")
+    a = start(cmd, cache_dir, tmp_path / "a.log")
+    wait_for(".nti-run/claims/img0.0", a, out)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        b = start(cmd, cache_dir, tmp_path / "b.log")
+        assert b.wait(timeout=900) == 0, (tmp_path / "b.log").read_text()
+        taken = files_of(out / "img0")
+        record = (out / "img0" / "metrics.json").read_text()
+    finally:
+        a.send_signal(signal.SIGCONT)
+    finish([a], [tmp_path / "a.log"])
+    assert "dropped: img0: another worker took it over" in (tmp_path / "a.log").read_text()
+    assert files_of(out / "img0") == taken and (out / "img0" / "metrics.json").read_text() == record
+    rows = assert_each_done_once(out, 2)
+    assert rows[0]["generation"] == 1 and json.loads(record)["worker"] == rows[0]["worker"]
+
+
+def test_worker_stopped_between_check_and_rename(model, nine, warm, cache_dir, tmp_path):
+    """A worker that stops itself after its publish check, before its renames (the fault hook),
+    past a short --claim-timeout: the worker that takes the image over publishes after it, so the
+    image's files and record are the newer claim's."""
+    out = tmp_path / "out"
+    cmd = command(model, nine, out, *SHORT, images="img0.png")
+    a = subprocess.Popen(cmd, stdout=open(tmp_path / "a.log", "w"), stderr=subprocess.STDOUT,
+                         env=testing.script_env(cache_dir, **{writer.STOP_BEFORE_RENAME: "img0"}))
+    wait_until(lambda: stopped(a), [a], "the hook stopped it")
+    b = start(cmd, cache_dir, tmp_path / "b.log")
+    try:
+        newer = lambda: list(out.glob(".nti-run/stage/img0.1.*/attention.png")) or b.poll() is not None
+        wait_until(newer, [a], "the second worker made its files")
+        time.sleep(1.0)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    finish([a, b], [tmp_path / "a.log", tmp_path / "b.log"])
+    (row,) = assert_each_done_once(out, 1)
+    record = json.loads((out / "img0" / "metrics.json").read_text())
+    assert row["generation"] == record["generation"] == 1 and record["worker"].split("-")[-2] == str(b.pid)

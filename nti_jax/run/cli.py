@@ -26,7 +26,7 @@ from nti_jax.core.controllers import GUIDANCE
 from nti_jax.run.driver import Driver
 from nti_jax.errors import NtiError, UsageError, one_line
 from nti_jax.models.unet import REMAT_MODES
-from nti_jax.run.ledger import Ledger, check_folder
+from nti_jax.run.ledger import Ledger, check_folder, record_checksums
 from nti_jax.run.manifest import PACKAGE_DIR, Item, assign_names, check_items, collect_items
 from nti_jax.loading.pipeline import DTYPES, load_pipeline
 from nti_jax.records import write_json
@@ -69,9 +69,10 @@ outputs: OUT/<name>/{inversion.safetensors, input.png, reconstruction.png, edit-
 
 several workers: start the same command any number of times on one OUT (a job array, VMs that
   may be preempted): each image is claimed by one worker (OUT/.nti-run/claims); the claim of a
-  worker that died is taken over at once on its host, else after --claim-timeout seconds without
-  its heartbeat. A worker with other settings is refused. Every worker merges results.jsonl and
-  the report from all workers' rows when it ends.
+  worker that died is taken over at once in its kernel and pid namespace, else once its heartbeat
+  has not changed for --claim-timeout seconds (by the taker's clock). A worker with other settings
+  is refused. Every worker merges results.jsonl and the report from all workers' rows when it
+  ends; the last one computes the PIE-Bench metrics and prunes OUT/.nti-run.
 
 devices and hosts: images are split over every local device (--batch-size rows per device).
   Several hosts: run the same command on each with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
@@ -187,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", metavar="DIR", help="persistent compilation cache (default ~/.cache/nti-jax/jax-cache or $NTI_JAX_CACHE_DIR; 'none' disables)")
     g.add_argument("--force", action="store_true", help="redo images that a previous run finished")
     g.add_argument("--verify", action="store_true", help="check finished images' files against their recorded SHA-256 (always: their sizes) before skipping them")
-    g.add_argument("--check", metavar="OUT", help="verify the finished images of output folder OUT (sizes and SHA-256) and run nothing: one line per damaged image, exit status 1 if any")
-    g.add_argument("--claim-timeout", type=_finite_float, metavar="S", help="seconds without a heartbeat after which another worker takes over a claimed image (default %(default)s; at once when the worker's pid is gone on this host)")
+    g.add_argument("--check", metavar="OUT", help="verify the finished images of output folder OUT (sizes and SHA-256) and run nothing: one line per damaged image, exit status 1 if any; with --verify, records the checksums of images written before checksums were (a migration)")
+    g.add_argument("--claim-timeout", type=_finite_float, metavar="S", help="seconds without a heartbeat after which another worker takes over a claimed image (default %(default)s; at once when the worker's pid is gone in this kernel and pid namespace); also how long a multi-host run waits for a process whose heartbeat stopped")
     g.add_argument("--step-progress", action="store_true", help="a progress bar over the diffusion steps of each batch (the inversion program is then not cached)")
     defaults = DEFAULT_SETTINGS.to_dict()
     p.set_defaults(out=DEFAULT_OUT, **RUN_DEFAULTS, **{_dest(flag): defaults[field] for field, flag in SETTING_FLAGS.items()})
@@ -225,6 +226,7 @@ def _write_run_info(argv: list[str], args, out: str, devices, process_count: int
         "argv": list(argv),
         "args": vars(args),
         "jax": jax.__version__,
+        "versions": hosts.versions(devices),
         "devices": [str(d) for d in devices],
         "processes": process_count,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -251,12 +253,14 @@ def _pie_items(rows: list[dict]) -> list[Item]:
     return assign_names([Item(index=k, image=r["image"], prompt=r["prompt"], edits=tuple(r["edits"]), name=r["name"]) for k, r in enumerate(rows)])
 
 
-def _finish_run(rows: list[dict], info: dict, out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None) -> None:
-    """A worker (process 0 of a multi-host run) after the merge: run.json's finish time, the
-    PIE-Bench layout and metrics once no image is pending, and OUT/index.html."""
+def _finish_run(rows: list[dict], info: Optional[dict], out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None) -> None:
+    """A worker after the merge: run.json's finish time (process 0, which wrote it), the
+    PIE-Bench layout and metrics (`pie_dir`: given to the worker that completes the run, once no
+    image is pending), and OUT/index.html."""
     from nti_jax.report.html import write_report
 
-    write_json(os.path.join(out, "run.json"), dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    if info is not None:
+        write_json(os.path.join(out, "run.json"), dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
     if pie_dir and not any(r.get("status") == "pending" for r in rows):
         from nti_jax.pie.metrics import evaluate
 
@@ -304,11 +308,16 @@ def _check(args) -> int:
     if not os.path.isdir(args.check):
         raise UsageError(f"--check: output folder {args.check} not found")
     try:
-        lines, checked = check_folder(args.check)
+        lines, checked, unrecorded = check_folder(args.check)
+        if unrecorded and args.verify:
+            record_checksums(args.check, unrecorded)
     except OSError as e:
         raise UsageError(f"--check: {one_line(e)}") from None
     for line in lines:
         print(line)
+    if unrecorded:
+        said = "recorded now (--verify)" if args.verify else f"--check {args.check} --verify records them as they are now"
+        print(f"{len(unrecorded)} finished image(s) written before checksums were recorded: {said}", file=sys.stderr)
     print(f"{checked} finished image(s) checked in {args.check}: {len(lines)} damaged", file=sys.stderr)
     return 1 if lines else 0
 
@@ -358,12 +367,13 @@ def _run(args, cfg: RunConfig, argv: list[str]) -> int:
         inference_timesteps(pipe.scheduler_config, cfg.settings.num_steps)
     except ValueError as e:
         raise UsageError(f"--steps: {e}") from None
-    barrier = hosts.FileBarrier(log.out, hosts.FileBarrier.new_token(), pid, nproc)
+    barrier = hosts.FileBarrier(log.out, hosts.FileBarrier.new_token(), pid, nproc, cfg.claim_timeout)
     driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log)
-    if pid != 0:
-        return driver.run(barrier)
-    info = _write_run_info(argv, args, log.out, devices, nproc)
-    return driver.run(barrier, on_done=lambda rows: _finish_run(rows, info, log.out, args.pie_bench, pie_rows))
+    info = _write_run_info(argv, args, log.out, devices, nproc) if pid == 0 else None
+    code = driver.run(barrier, on_done=lambda rows: _finish_run(rows, info, log.out, args.pie_bench if log.completes else None, pie_rows))
+    if barrier.lost:  # a process died: JAX's shutdown at exit would wait for it, then abort
+        hosts.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

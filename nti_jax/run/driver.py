@@ -29,12 +29,12 @@ from nti_jax.io import load_image
 from nti_jax.run.ledger import Ledger, State
 from nti_jax.run.manifest import Item
 from nti_jax.core.parallel import Batch, EditJob, ShardedInverter, per_device_batch
-from nti_jax.run.hosts import FileBarrier, host_share
+from nti_jax.run.hosts import FileBarrier, host_share, kernels
 from nti_jax.loading.pipeline import Pipeline
 from nti_jax.records import damage
 from nti_jax.run.config import RunConfig
 from nti_jax.run.keys import add_reconstruction, image_metrics
-from nti_jax.run.writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, edit_file
+from nti_jax.run.writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, edit_file, plan_record
 
 
 @dataclasses.dataclass
@@ -187,7 +187,7 @@ class Driver:
         metrics = dict(prev, key=it.key, status="running", edits=[])
         for k in ("error", "files"):
             metrics.pop(k, None)
-        w = ImageWriter(self.log.folder(it), {n: files[n] for n in (INVERSION, INPUT, RECONSTRUCTION) if n in files})
+        w = self.log.writer(it, {n: files[n] for n in (INVERSION, INPUT, RECONSTRUCTION) if n in files})
         job = Work(it, st.damage)
         error = None
         try:
@@ -212,7 +212,7 @@ class Driver:
         """Write the image's files, its record last, and its row. A finite inversion (`recon_img`
         given) is kept even if its edits failed."""
         it = job.item
-        w = ImageWriter(self.log.folder(it))
+        w = self.log.writer(it)
         try:
             os.makedirs(w.folder, exist_ok=True)
             metrics["edits"] = []
@@ -241,12 +241,11 @@ class Driver:
             metrics["error"] = error
         metrics.update(worker=self.log.me.id, finished=time.time())
         it = job.item
-        if not self.log.claims.mine(it.name):
-            self._say(f"dropped: {it.label}: another worker took it over (no heartbeat for --claim-timeout)")
-            return
         with self.interrupts.held():
             try:
-                w.record(metrics)
+                if not w.publish(metrics, lambda: self.log.claims.mine(it.name)):  # fenced: see writer.py
+                    self._say(f"dropped: {it.label}: another worker took it over (no heartbeat for --claim-timeout)")
+                    return
             except OSError as e:
                 error, metrics["status"] = error or self.log.write_failed(e), "failed"
             self.log.claims.finish(it.name)
@@ -304,6 +303,7 @@ class Driver:
         edit_seconds = (time.time() - t1) / len(jobs)
         for k, (it, inv, (edits, error)) in enumerate(zip(jobs, invs, results)):
             metrics = image_metrics(it.item, inv, self.cfg, inv_seconds, it.warnings)
+            metrics["plan"] = plan_record(self.cfg.remat, call.n, self.inverter.num_devices, kernels(self.inverter.devices[0].platform))
             if not add_reconstruction(metrics, it.pixels, inv, images[k], latents[k], vae[k]) and error is None:
                 error = "the reconstruction is not finite"
             self.finish(it, inv, images[k] if metrics["psnr"] is not None else None, edits, error, metrics, time.time() - edit_seconds)
@@ -357,8 +357,13 @@ class Driver:
         return None
 
     def loop(self, share: list[Item]) -> None:
-        """Every image this worker can claim, in batches; stops (the rest stay "pending") once a
-        write found the disk full."""
+        """Every image this worker can claim, in rounds until no other worker holds one (`Ledger.rounds`)."""
+        for todo in self.log.rounds(share):
+            self._pass(todo)
+
+    def _pass(self, share: list[Item]) -> None:
+        """Every image of `share` this worker can claim, in batches; stops (the rest stay
+        "pending") once a write found the disk full."""
         cap = self.per_device * self.inverter.num_devices
         batch: list[Work] = []
         for it in share:
@@ -430,7 +435,7 @@ def summary(log: Ledger, items: list[Item], elapsed: float, interrupted: bool, b
                 print(f"could not finish the run's files: {one_line(e)}", file=sys.stderr)
     count = lambda s: sum(r.get("status") == s for r in rows)
     done, skipped, failed, pending = count("done"), count("skipped"), count("failed"), count("pending")
-    others = sum(r.get("worker") != log.me.id and r.get("time", 0) >= log.me.started for r in rows if r.get("status") != "pending")
+    others = sum(r.get("worker") != log.me.id and r.get("epoch") == log.epoch for r in rows if r.get("status") != "pending")
     rate = log.counts["done"] / elapsed if elapsed > 0 else 0.0
     line = f"{done} done, {skipped} skipped, {failed} failed"
     if log.repaired:

@@ -1,23 +1,38 @@
-"""An image's files in the run folder, each written to a temporary name and renamed, with the
-size and SHA-256 of the bytes written; metrics.json, the image's record, last, listing them all."""
+"""An image's files in the run folder, with the size and SHA-256 of the bytes written; metrics.json,
+the image's record, last, listing them all.
+
+Fenced: a claim generation writes its files into its own staging folder
+(OUT/.nti-run/stage/<name>.<g>.<nonce>/), and `publish` moves them into OUT/<name>/ only while holding the
+run folder's publish lock and only if the worker still holds the image's claim (checked under that
+lock). A worker that stalled past --claim-timeout and lost the claim therefore never changes the
+files another worker finished: its check fails, or (stalled between check and rename) it holds
+the lock, and the newer holder's publish waits and lands after it. Check and rename are one step
+for every publisher, so neither can slip between the other's. (A crash between the renames
+leaves files that do not match the old record: the next run redoes the image.)
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+import shutil
+import signal
 from typing import Callable, Optional
 
 import numpy as np
 
 from nti_jax.errors import OptimisationError
-from nti_jax.io import atomic_path, save_png
+from nti_jax.io import atomic_path, locked, save_png
 from nti_jax.records import file_record, write_json
 
 INVERSION = "inversion.safetensors"
 INPUT = "input.png"
 RECONSTRUCTION = "reconstruction.png"
 RECORD = "metrics.json"
+# fault tests only: a worker publishing this image stops itself (SIGSTOP) between check and rename
+STOP_BEFORE_RENAME = "NTI_JAX_FAULT_STOP_BEFORE_RENAME"
 
 
 def _slug(text: str, n: int = 48) -> str:
@@ -29,20 +44,35 @@ def edit_file(k: int, edit: dict) -> str:
     return f"edit-{k + 1}-{_slug(edit['prompt'])}.png"
 
 
-class ImageWriter:
-    """The files of one image folder; `files` (name -> {"size", "sha256"}) is what its record
-    lists. `kept`: files of an earlier run that stay (an intact inversion that is reused)."""
+def plan_record(remat: str, rows_per_call: int, devices: int, kernels: dict, oom_retries: Optional[int] = None) -> dict:
+    """What an image's record says about the plan it ran with: the remat mode asked for ("auto":
+    chosen per call by the planner), the images per call of the program, the devices, the kernels
+    chosen for their platform, and out-of-memory retries (None: not counted by this driver)."""
+    return {"remat": remat, "rows_per_call": rows_per_call, "devices": devices, "kernels": dict(kernels),
+            "oom_retries": oom_retries}
 
-    def __init__(self, folder: str, kept: Optional[dict] = None):
-        self.folder = folder
+
+class ImageWriter:
+    """The files of one image: written into `stage` (this claim generation's own folder), moved
+    into `folder` by `publish`. `files` (name -> {"size", "sha256"}) is what its record lists.
+    `kept`: files of an earlier run in `folder` that stay (an intact inversion that is reused).
+    Without `stage` (a library call, no claims) files are written straight into `folder`.
+    `stamp`: what the record says of the attempt (its claim generation and epoch)."""
+
+    def __init__(self, folder: str, kept: Optional[dict] = None, stage: Optional[str] = None, lock: Optional[str] = None,
+                 stamp: Optional[dict] = None):
+        self.folder, self.stage, self.lock, self.stamp = folder, stage or folder, lock, dict(stamp or {})
         self.files: dict[str, dict] = dict(kept or {})
+        self.new: list[str] = []
 
     def write(self, name: str, save: Callable[[str], None]) -> None:
-        """`save(path)` to a temporary path, then renamed to `name`."""
-        with atomic_path(os.path.join(self.folder, name)) as tmp:
+        """`save(path)` to a temporary path in the stage, then renamed to `name` there."""
+        with atomic_path(os.path.join(self.stage, name)) as tmp:
             save(tmp)
             record = file_record(tmp)
         self.files[name] = record
+        if name not in self.new:
+            self.new.append(name)
 
     def png(self, name: str, image) -> None:
         self.write(name, functools.partial(save_png, image))
@@ -67,6 +97,26 @@ class ImageWriter:
         for name, image in maps.items():
             self.png(name, image)
 
-    def record(self, metrics: dict) -> None:
-        """metrics.json, listing every file written (atomic; it marks the image finished)."""
-        write_json(os.path.join(self.folder, RECORD), dict(metrics, files=dict(self.files)))
+    def publish(self, metrics: dict, still_mine: Callable[[], bool]) -> bool:
+        """Move the staged files into the image folder and write metrics.json last, listing every
+        file (it marks the image finished), if `still_mine()` under the publish lock; False (and
+        nothing moved) if not. The stage is removed either way."""
+        try:
+            with locked(self.lock) if self.lock else contextlib.nullcontext():
+                if not still_mine():
+                    return False
+                if os.environ.get(STOP_BEFORE_RENAME) == os.path.basename(self.folder):
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                os.makedirs(self.folder, exist_ok=True)
+                for name in self.new:
+                    if self.stage != self.folder:
+                        os.replace(os.path.join(self.stage, name), os.path.join(self.folder, name))
+                write_json(os.path.join(self.folder, RECORD), dict(metrics, **self.stamp, files=dict(self.files)))
+                return True
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the stage (files not published are another attempt's, now history)."""
+        if self.stage != self.folder:
+            shutil.rmtree(self.stage, ignore_errors=True)
