@@ -19,6 +19,7 @@ from PIL import Image
 
 from nti_jax.run import cli, ledger, writer
 from nti_jax import records, testing
+from nti_jax.models.unet import REMAT_MODES
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +100,8 @@ def test_three_workers_share_nine_images(model, nine, warm, cache_dir, tmp_path)
     assert sorted(r["name"] for r in done) == [f"img{k}" for k in range(9)]  # no row lost or doubled
     assert all(r["status"] == "done" for r in done)
     plan = json.loads((out / "img0" / "metrics.json").read_text())["plan"]  # what each image ran with
-    assert plan["rows_per_call"] == 1 and plan["devices"] >= 1 and plan["remat"] == "auto" and plan["oom_retries"] is None
+    assert plan["rows_per_call"] == 1 and plan["devices"] >= 1 and plan["oom_retries"] is None
+    assert plan["remat"] in REMAT_MODES  # the mode the planner chose for --remat auto
     assert set(plan["kernels"]) == {"attention", "conv_grad"}
     versions = json.loads((out / "run.json").read_text())["versions"]
     assert versions["jax"] == versions["jaxlib"] and versions["platform"] == "cpu"

@@ -135,10 +135,12 @@ class EditJob(NamedTuple):
 class Batch:
     """One call's inversions, kept where they were made: `inv` holds the call's rows (images per
     device x devices) split over the mesh's batch axis; the first `n` are the call's images, the
-    rest copies of its last one that fill the devices. `host()` brings them to the host once."""
+    rest copies of its last one that fill the devices; `remat` is the mode its program ran with
+    (the planner's choice under "auto"). `host()` brings them to the host once."""
 
     inv: Inversion
     n: int
+    remat: str = "none"
 
     def host(self) -> list[Inversion]:
         """The `n` images' inversions as host (numpy) arrays, B = 1 each: one transfer per array."""
@@ -263,7 +265,7 @@ class ShardedInverter:
         per = -(-len(images) // self.num_devices)
         if remat == "auto" or max_device_memory is not None:
             choice = self.plan(pipe, settings, per, progress, remat, max_device_memory)
-            program, per = choice.compiled, choice.rows
+            program, per, remat = choice.compiled, choice.rows, choice.remat
         else:
             program = sharded_program(self.mesh, settings.method, progress, remat)
         self._programs.add(program)
@@ -275,7 +277,7 @@ class ShardedInverter:
             padded = [prompts[r] for r in rows]
             inputs = self.prepare(pipe, [images[r] for r in rows], padded, settings)
             out = program(model, inputs)
-            batches.append(Batch(assemble(pipe, settings, padded, inputs.cond, inputs.sched.timesteps, out), n))
+            batches.append(Batch(assemble(pipe, settings, padded, inputs.cond, inputs.sched.timesteps, out), n, remat))
         return batches
 
     def reconstruct(self, pipe: Pipeline, inv: Inversion) -> Reconstruction:

@@ -11,101 +11,28 @@ one folder each take the images no one holds.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from nti_jax.core import controllers, heatmaps, p2p
 from nti_jax.errors import NtiError, PromptError, PromptTruncatedWarning, one_line
 from nti_jax.core.inversion import Inversion
 from nti_jax.io import load_image
 from nti_jax.run.ledger import Ledger, State
 from nti_jax.run.manifest import Item
-from nti_jax.core.parallel import Batch, EditJob, ShardedInverter, per_device_batch
+from nti_jax.core.parallel import Batch, ShardedInverter, per_device_batch
 from nti_jax.run.hosts import FileBarrier, host_share, kernels
 from nti_jax.loading.pipeline import Pipeline
 from nti_jax.records import damage
 from nti_jax.run.config import RunConfig
+from nti_jax.run.console import Interrupts, StepProgress, batch_line
+from nti_jax.run.edits import Work, controller, edit_images
 from nti_jax.run.keys import add_reconstruction, image_metrics
-from nti_jax.run.writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, edit_file, plan_record
-
-
-@dataclasses.dataclass
-class Work:
-    """What this run makes of one request: its pixels and controllers once prepared, its
-    warnings and heat maps, and why its finished files are redone (`repaired`)."""
-
-    item: Item
-    repaired: Optional[str] = None
-    pixels: Optional[np.ndarray] = None
-    controllers: list = dataclasses.field(default_factory=list)
-    warnings: list = dataclasses.field(default_factory=list)
-    heatmaps: dict = dataclasses.field(default_factory=dict)  # PNG file name -> uint8 image
-
-    @property
-    def prompt(self):
-        return self.item.prompt
-
-
-class StepProgress:
-    """The `progress` callback of the inversion program (one instance per run, so the compiled
-    program is reused by every batch). Each device reports every step: the bar shows the furthest."""
-
-    def __init__(self):
-        self.bar = None
-        self.lock = threading.Lock()
-
-    def __call__(self, i):
-        with self.lock:
-            if self.bar is not None:
-                n = int(np.asarray(i)) + 1
-                if n > self.bar.n:
-                    self.bar.update(n - self.bar.n)
-
-
-class Interrupts:
-    """SIGINT and SIGTERM as KeyboardInterrupt, held back while an image's record, claim and row
-    are written (`held`), so an interrupted run never leaves a finished image without its row."""
-
-    def __init__(self):
-        self.depth, self.pending = 0, False
-
-    def __call__(self, signum, frame):
-        if self.depth:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if not self.depth and self.pending:
-                self.pending = False
-                raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """The handlers, in the main thread only (elsewhere signals cannot be set)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        old = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+from nti_jax.run.writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, plan_record
 
 
 class Driver:
@@ -130,54 +57,8 @@ class Driver:
         if cut is not None:  # recorded in metrics.json and results.jsonl instead of printed
             job.warnings.append(f"the prompt is longer than the model's {self.pipe.max_tokens} tokens; cut: {cut!r}")
         job.pixels = load_image(it.image, self.pipe.image_size, it.crop)
-        job.controllers = [self.controller(it, e) for e in it.edits]
+        job.controllers = [controller(it, e) for e in it.edits]
         return job
-
-    @staticmethod
-    def controller(it: Item, edit: dict):
-        settings = {k: v for k, v in edit.items() if k != "prompt"}
-        return controllers.controller_from_settings(it.prompt, [edit["prompt"]], settings)
-
-    def edit_images(self, on: Inversion, jobs: list[Work], invs: list[Inversion]) -> list[tuple[Optional[list], Optional[str]]]:
-        """(edited images (1 + n, H, W, 3) per edit, or None; error or None) per image: row k of
-        `on` (where the images' inversions live) is `invs[k]` (its host copy). Every edit of the
-        images runs through `ShardedInverter.edit` (edits of one shape in one program); their
-        cross-attention maps become the image's heat maps (`Work.heatmaps`: attention.png, and one
-        per edit with --attention)."""
-        out: list = [[None, None] for _ in jobs]
-        requests, owner = [], []
-        for k, (job, inv) in enumerate(zip(jobs, invs)):
-            bad = np.asarray(inv.nonfinite[0])
-            if bad.any():
-                first = int(np.argmax(bad))
-                out[k][1] = f"non-finite loss or latents at {int(bad.sum())} of {bad.size} steps (first: step {first})"
-                continue
-            try:
-                specs = [p2p.edit_spec(self.pipe, inv, [e["prompt"]], controller=c) for e, c in zip(job.item.edits, job.controllers)]
-                specs = specs or [p2p.edit_spec(self.pipe, inv, [], edit=False)]  # the source's maps only
-            except Exception as e:  # noqa: BLE001 - recorded per image
-                out[k][1] = one_line(e)
-                continue
-            requests += [EditJob(k, s) for s in specs]
-            owner += [k] * len(specs)
-        results = self.inverter.edit(self.pipe, on, requests) if requests else []
-        done: dict = {}
-        for k, r in zip(owner, results):
-            done.setdefault(k, []).append(r)
-        for k, rs in done.items():
-            failed = [r for r in rs if isinstance(r, BaseException)]
-            if failed:
-                out[k][1] = one_line(failed[0])
-                continue
-            job, inv = jobs[k], invs[k]
-            edits = [r.images for r in rs] if job.item.edits else []
-            first = rs[0].maps[:1]
-            job.heatmaps = {"attention.png": heatmaps.attention_sheet(self.pipe, inv.prompts[:1], job.pixels[None], first)}
-            if self.cfg.attention:
-                for q, (e, r) in enumerate(zip(job.item.edits, rs)):
-                    job.heatmaps["attention-" + edit_file(q, e)] = heatmaps.attention_sheet(self.pipe, [inv.prompts[0], e["prompt"]], r.images, r.maps)
-            out[k][0] = edits
-        return [tuple(o) for o in out]
 
     def redo_edits(self, it: Item, st: State) -> None:
         """The inversion is on disk, intact, from an earlier run; the rest is (re)made."""
@@ -192,12 +73,12 @@ class Driver:
         error = None
         try:
             inv = Inversion.load(os.path.join(w.folder, INVERSION))
-            job.controllers = [self.controller(it, e) for e in it.edits]
+            job.controllers = [controller(it, e) for e in it.edits]
             job.pixels = load_image(os.path.join(w.folder, INPUT), self.pipe.image_size)
             recon = files.get(RECONSTRUCTION)
             if recon is not None and damage(w.folder, {RECONSTRUCTION: recon}, self.log.verify):
                 w.png(RECONSTRUCTION, np.asarray(self.inverter.reconstruct(self.pipe, inv).images[0]))
-            ((edits, edit_error),) = self.edit_images(inv, [job], [inv])
+            ((edits, edit_error),) = edit_images(self.pipe, self.inverter, self.cfg.attention, inv, [job], [inv])
             if edit_error is not None:
                 raise NtiError(edit_error)
             metrics["edits"] = w.edits(it.edits, edits)
@@ -270,9 +151,9 @@ class Driver:
         import jax
 
         t0 = time.time()
-        step_bar = self._step_bar()
         try:
-            with warnings.catch_warnings():  # long prompts: recorded per image by `prepare`
+            steps = self.step_progress.showing(self.cfg.settings.num_steps) if self.step_progress else contextlib.nullcontext()
+            with warnings.catch_warnings(), steps:  # long prompts: recorded per image by `prepare`
                 warnings.simplefilter("ignore", PromptTruncatedWarning)
                 calls = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress, remat=self.cfg.remat,
                                               max_device_memory=self.cfg.max_device_memory)
@@ -283,10 +164,6 @@ class Driver:
             for it in batch:
                 self.fail(it.item, f"batch failed: {one_line(e)}")
             return
-        finally:
-            if step_bar is not None:
-                self.step_progress.bar = None
-                step_bar.close()
         t_inv = time.time() - t0
         start = 0
         for call, recon in zip(calls, recons):
@@ -299,33 +176,18 @@ class Driver:
         t1 = time.time()
         invs = call.host()
         images, latents, vae = (np.asarray(a)[: call.n] for a in recon)
-        results = self.edit_images(call.inv, jobs, invs)
+        results = edit_images(self.pipe, self.inverter, self.cfg.attention, call.inv, jobs, invs)
         edit_seconds = (time.time() - t1) / len(jobs)
         for k, (it, inv, (edits, error)) in enumerate(zip(jobs, invs, results)):
             metrics = image_metrics(it.item, inv, self.cfg, inv_seconds, it.warnings)
-            metrics["plan"] = plan_record(self.cfg.remat, call.n, self.inverter.num_devices, kernels(self.inverter.devices[0].platform))
+            metrics["plan"] = plan_record(call.remat, call.inv.num_images // self.inverter.num_devices, self.inverter.num_devices, kernels(self.inverter.devices[0].platform))
             if not add_reconstruction(metrics, it.pixels, inv, images[k], latents[k], vae[k]) and error is None:
                 error = "the reconstruction is not finite"
             self.finish(it, inv, images[k] if metrics["psnr"] is not None else None, edits, error, metrics, time.time() - edit_seconds)
 
-    def _step_bar(self):
-        if self.step_progress is None:
-            return None
-        from tqdm import tqdm
-
-        bar = tqdm(total=self.cfg.settings.num_steps, desc="  steps", unit="step", leave=False, dynamic_ncols=True, disable=None)
-        self.step_progress.bar = bar
-        return bar
-
     def _batch_line(self, n: int, seconds: float) -> None:
-        bar = self.log.bar
-        if bar is not None and bar.disable:  # no terminal: one line per batch for the logs
-            c = self.log.counts
-            print(
-                f"[{c['done'] + c['skipped'] + c['failed']}/{self.total}] batch of {n} in {seconds:.1f} s; "
-                f"done {c['done']}, skipped {c['skipped']}, failed {c['failed']}",
-                file=sys.stderr, flush=True,
-            )
+        if self.log.bar is not None and self.log.bar.disable:  # no terminal: one line per batch for the logs
+            batch_line(self.log.counts, self.total, n, seconds)
 
     # -- the run --------------------------------------------------------------------------------
 
