@@ -85,14 +85,7 @@ def assert_each_done_once(out, n=9) -> list[dict]:
 def test_three_workers_share_nine_images(model, nine, warm, cache_dir, tmp_path):
     out = tmp_path / "out"
     procs = [start(command(model, nine, out), cache_dir, tmp_path / f"w{k}.log") for k in range(3)]
-    try:
-        codes = [p.wait(timeout=900) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    logs = [(tmp_path / f"w{k}.log").read_text() for k in range(3)]
-    assert codes == [0, 0, 0], logs
+    logs = finish(procs, [tmp_path / f"w{k}.log" for k in range(3)])
     assert not any("Traceback" in text for text in logs)
     rows = assert_each_done_once(out)
     assert len({r["worker"] for r in rows}) >= 2  # the images were split
