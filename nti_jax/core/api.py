@@ -14,7 +14,7 @@ import numpy as np
 
 from nti_jax.loading import conditioning as cnd
 from nti_jax.core.controllers import Controller
-from nti_jax.core.inversion import Inversion
+from nti_jax.core.inversion import BATCHED_FIELDS, Inversion
 from nti_jax.core.null_text import Progress
 from nti_jax.core.p2p import edit_spec
 from nti_jax.core.parallel import EditJob, EditResult, ShardedInverter, inverter_on, local_mesh
@@ -80,8 +80,7 @@ def invert(
     if len(batches) == 1 and batches[0].n == batches[0].inv.num_images:
         return batches[0].inv
     whole = [b.inv[: b.n] for b in batches]
-    arrays = {k: cnd.concat([getattr(w, k) for w in whole]) for k in ("x_T", "pivots", "null_embeddings", "cond_embeddings",
-                                                                      "inner_iterations", "final_losses", "nonfinite")}
+    arrays = {k: cnd.concat([getattr(w, k) for w in whole]) for k in BATCHED_FIELDS}
     return whole[0].replace(**arrays, prompts=tuple(prompts))
 
 
