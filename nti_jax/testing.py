@@ -187,6 +187,20 @@ def script_env(cache_dir: str, **extra: str) -> dict:
     return env
 
 
+def finish_workers(procs: list, logs: list, timeout: float = 900) -> list[str]:
+    """Wait for worker subprocesses (killing any still running after `timeout` seconds); each must
+    exit 0 with no traceback in its log. The logs' texts."""
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    texts = [open(log).read() for log in logs]
+    assert codes == [0] * len(procs) and not any("Traceback" in t for t in texts), texts
+    return texts
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref| in float64: the tests' one measure of agreement."""
     import numpy as np

@@ -27,14 +27,7 @@ def test_pie_bench_with_two_workers(cache_dir, tmp_path):
     for log in logs:
         with open(log, "w") as f:
             procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=testing.script_env(cache_dir)))
-    try:
-        codes = [p.wait(timeout=1500) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    texts = [log.read_text() for log in logs]
-    assert codes == [0, 0] and not any("Traceback" in t for t in texts), texts
+    texts = testing.finish_workers(procs, logs, timeout=1500)
     rows = records.read_jsonl(str(out / "results.jsonl"))[0]
     assert [r["status"] for r in rows] == ["done"] * 3
     said = [k for k, t in enumerate(texts) if "PIE-Bench: 3 outputs in" in t]

@@ -85,7 +85,7 @@ def assert_each_done_once(out, n=9) -> list[dict]:
 def test_three_workers_share_nine_images(model, nine, warm, cache_dir, tmp_path):
     out = tmp_path / "out"
     procs = [start(command(model, nine, out), cache_dir, tmp_path / f"w{k}.log") for k in range(3)]
-    logs = finish(procs, [tmp_path / f"w{k}.log" for k in range(3)])
+    logs = testing.finish_workers(procs, [tmp_path / f"w{k}.log" for k in range(3)])
     assert not any("Traceback" in text for text in logs)
     rows = assert_each_done_once(out)
     assert len({r["worker"] for r in rows}) >= 2  # the images were split
@@ -152,18 +152,6 @@ def files_of(folder) -> dict:
     return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())}
 
 
-def finish(procs, logs) -> list[str]:
-    try:
-        codes = [p.wait(timeout=900) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    texts = [log.read_text() for log in logs]
-    assert codes == [0] * len(procs) and not any("Traceback" in t for t in texts), texts
-    return texts
-
-
 def test_stalled_worker_cannot_replace_what_another_finished(model, nine, warm, cache_dir, tmp_path):
     """SIGSTOP a worker mid-image past a short --claim-timeout: another takes the image over and
     finishes it; on SIGCONT the stalled worker drops its result, and the finished files stay the
@@ -180,7 +168,7 @@ def test_stalled_worker_cannot_replace_what_another_finished(model, nine, warm, 
         record = (out / "img0" / "metrics.json").read_text()
     finally:
         a.send_signal(signal.SIGCONT)
-    finish([a], [tmp_path / "a.log"])
+    testing.finish_workers([a], [tmp_path / "a.log"])
     assert "dropped: img0: another worker took it over" in (tmp_path / "a.log").read_text()
     assert files_of(out / "img0") == taken and (out / "img0" / "metrics.json").read_text() == record
     rows = assert_each_done_once(out, 2)
@@ -203,7 +191,7 @@ def test_worker_stopped_between_check_and_rename(model, nine, warm, cache_dir, t
         time.sleep(1.0)
     finally:
         a.send_signal(signal.SIGCONT)
-    finish([a, b], [tmp_path / "a.log", tmp_path / "b.log"])
+    testing.finish_workers([a, b], [tmp_path / "a.log", tmp_path / "b.log"])
     (row,) = assert_each_done_once(out, 1)
     record = json.loads((out / "img0" / "metrics.json").read_text())
     assert row["generation"] == record["generation"] == 1 and record["worker"].split("-")[-2] == str(b.pid)
