@@ -99,7 +99,7 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 GUIDANCES = {"plain": {}, "single-branch": {"single_branch": True}, "proximal": {"proximal": nti_jax.Proximal()}}
 
 
-def _swaps(seeds) -> list[dict]:
+def swaps(seeds) -> list[dict]:
     """Colour swaps of rendered scenes, each with the true edited scene (same geometry)."""
     images, masks, captions = shapes.render_batch(seeds, 64)
     out = []
@@ -121,7 +121,7 @@ def _blend(sw: dict, threshold, **guidance) -> nti_jax.Replace:
     return nti_jax.Replace(blend=blend, **guidance)
 
 
-def _score(sw: dict, rows: np.ndarray) -> dict:
+def score_edit(sw: dict, rows: np.ndarray) -> dict:
     src, edited = rows[0], rows[1]
     inner, bg = shapes.interior(sw["mask"]), sw["background"]
     mean_rgb = lambda im: im[inner].astype(np.float64).mean(0) if inner.any() else np.zeros(3)
@@ -139,12 +139,12 @@ def _score(sw: dict, rows: np.ndarray) -> dict:
 def calibrate_threshold(pipe, n: int = 10) -> dict:
     """LocalBlend's threshold for this model, chosen on training scenes (seeds 0..n-1) with direct
     inversion: the highest mean background PSNR among thresholds that turn the most objects."""
-    swaps = _swaps(range(n))
+    scenes = swaps(range(n))
     res = {}
-    for sw in swaps:
+    for sw in scenes:
         inv = nti_jax.invert(pipe, sw["image"], sw["source"], method="direct")
         for th in THRESHOLDS:
-            res.setdefault(th, []).append(_score(sw, to_uint8(nti_jax.edit(pipe, inv, [sw["target"]], controller=_blend(sw, th)))))
+            res.setdefault(th, []).append(score_edit(sw, to_uint8(nti_jax.edit(pipe, inv, [sw["target"]], controller=_blend(sw, th)))))
     table = {th: {"object_is_target": float(np.mean([r["object_is_target"] for r in rs])),
                   "background_psnr": float(np.mean([r["background_psnr"] for r in rs]))} for th, rs in res.items()}
     best_hits = max(t["object_is_target"] for t in table.values())
@@ -156,7 +156,7 @@ def edit_table(pipe, n: int, calibrated: float, methods=EDIT_METHODS, guidances=
     """Colour swaps of n held-out scenes: inversion method x edit guidance x blend setting."""
     blends = {"no blend": None, "blend 0.3": 0.3, f"blend {calibrated}": calibrated}
     rows, times = [], {}
-    for sw in _swaps(range(EVAL_SEED0, EVAL_SEED0 + n)):
+    for sw in swaps(range(EVAL_SEED0, EVAL_SEED0 + n)):
         row = {"source": sw["source"], "target": sw["target"]}
         for m in methods:
             inv = jax.block_until_ready(nti_jax.invert(pipe, sw["image"], sw["source"], method=m))  # keep it out of the edit's time
@@ -166,7 +166,7 @@ def edit_table(pipe, n: int, calibrated: float, methods=EDIT_METHODS, guidances=
                     t0 = time.perf_counter()
                     out = to_uint8(nti_jax.edit(pipe, inv, [sw["target"]], controller=_blend(sw, th, **GUIDANCES[g])))
                     times.setdefault(key, []).append(time.perf_counter() - t0)
-                    row[key] = _score(sw, out)
+                    row[key] = score_edit(sw, out)
         rows.append(row)
         print(f"  edits: {len(rows)}/{n} images", flush=True)
     summary = {}

@@ -2,7 +2,8 @@
 
 Flax's norms normalise in float32 and cast at the end, so in bf16 every norm's output and its
 gradient's residuals exist as float32 copies. Here only the statistics are float32 (the upcast
-fuses into the reductions); the normalisation itself runs in the layer's dtype. In float32 the
+fuses into the reductions); the normalisation itself runs in the layer's dtype, or in float32 where
+the dtype policy says so (`precision`, family "norms"). In float32 the
 operations are flax's own, in flax's order: (x - mean) * (rsqrt(var + eps) * scale) + bias with
 var = E[x^2] - E[x]^2. Parameters are flax's ("scale", "bias", float32), so weights convert
 unchanged.
@@ -15,6 +16,8 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from nti_jax.models.precision import compute_dtype
 
 
 def normalize(x: jax.Array, groups: int, eps: float, scale: jax.Array, bias: jax.Array) -> jax.Array:
@@ -58,7 +61,8 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale, bias = _affine(self, x.shape[-1])
-        return normalize(x.astype(self.dtype), self.num_groups, self.epsilon, scale, bias)
+        dt = compute_dtype("norms", self.dtype)
+        return normalize(x.astype(dt), self.num_groups, self.epsilon, scale, bias).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -70,4 +74,5 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale, bias = _affine(self, x.shape[-1])
-        return _apply(x.astype(self.dtype), (x.ndim - 1,), self.epsilon, scale, bias)
+        dt = compute_dtype("norms", self.dtype)
+        return _apply(x.astype(dt), (x.ndim - 1,), self.epsilon, scale, bias).astype(self.dtype)

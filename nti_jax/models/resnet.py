@@ -12,6 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nti_jax.models.backend import kernel_choice
 from nti_jax.models.norms import GroupNorm
+from nti_jax.models.precision import compute_dtype, residual_add
 
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -138,12 +139,12 @@ class ResnetBlock2D(nn.Module):
         norm = lambda name: GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
         h = conv(self.out_channels, 3, "conv1", self.dtype)(nn.silu(norm("norm1")(x)))
         if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            t = nn.Dense(self.out_channels, dtype=compute_dtype("time_embedding", self.dtype), name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = conv(self.out_channels, 3, "conv2", self.dtype)(nn.silu(norm("norm2")(h)))
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x)
-        return x + h
+        return residual_add(x, h)
 
 
 class Downsample2D(nn.Module):

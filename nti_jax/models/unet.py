@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from nti_jax.models.attention import Attention, AttentionHook, AttentionPlace
 from nti_jax.models.norms import GroupNorm, LayerNorm
+from nti_jax.models.precision import compute_dtype, residual_add
 from nti_jax.models.resnet import MATMUL, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, conv, tag
 
 # Rematerialisation of the UNet's blocks (each ResnetBlock2D and Transformer2D) in a gradient:
@@ -42,6 +43,7 @@ def _time_embedding(unet: "UNet2DConditionModel", t: jax.Array, added: Optional[
     pooled text and the time ids; its parameters the UNet's own."""
     cfg, dt = unet.config, unet.dtype
     c0 = cfg.block_out_channels[0]
+    dt = compute_dtype("time_embedding", dt)
     dense = lambda name: nn.Dense(4 * c0, dtype=dt, name=name, parent=unet)
     temb = timestep_embedding(t, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dt)
     temb = dense("time_embedding.linear_2")(nn.silu(dense("time_embedding.linear_1")(temb)))
@@ -189,12 +191,12 @@ class BasicTransformerBlock(nn.Module):
         path = ".".join(self.scope.path)
         place = lambda kind: AttentionPlace(self.block, kind, size, f"{path}.{kind}")
         attn = lambda name: Attention(self.heads, d, dtype=self.dtype, name=name)
-        x = x + attn("attn1")(ln("norm1")(x), None, hook, place("self"))
-        x = x + attn("attn2")(ln("norm2")(x), context, hook, place("cross"))
+        x = residual_add(x, attn("attn1")(ln("norm1")(x), None, hook, place("self")))
+        x = residual_add(x, attn("attn2")(ln("norm2")(x), context, hook, place("cross")))
         h = tag(nn.Dense(self.dim * 8, dtype=self.dtype, name="ff.net.0.proj")(ln("norm3")(x)))
         h, gate = jnp.split(h, 2, axis=-1)
         h = h * nn.gelu(gate, approximate=False)
-        return x + tag(nn.Dense(self.dim, dtype=self.dtype, name="ff.net.2")(h))
+        return residual_add(x, tag(nn.Dense(self.dim, dtype=self.dtype, name="ff.net.2")(h)))
 
 
 class Transformer2D(nn.Module):
@@ -223,7 +225,7 @@ class Transformer2D(nn.Module):
             y = tag(nn.Dense(c, dtype=self.dtype, name="proj_out")(y)).reshape(b, h, w, c)
         else:
             y = conv(c, 1, "proj_out", self.dtype)(y.reshape(b, h, w, c))
-        return y + x
+        return residual_add(y, x)
 
 
 class UNet2DConditionModel(nn.Module):
