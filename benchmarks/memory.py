@@ -34,8 +34,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nti_jax.core import null_text, parallel, planning  # noqa: E402
+from nti_jax.core.costs import cond_spec  # noqa: E402
 from nti_jax.loading import pipeline  # noqa: E402
-from nti_jax.loading.conditioning import TextCond  # noqa: E402
 from nti_jax.core.sampling import Denoiser  # noqa: E402
 from nti_jax.core.schedule import Schedule  # noqa: E402
 from nti_jax.models.unet import REMAT_MODES  # noqa: E402
@@ -114,13 +114,6 @@ def abstract_model(kind: str, dtype: str) -> Denoiser:
 def _dims(model: Denoiser) -> tuple[int, int, int]:
     c = model.module.config
     return c.sample_size, c.in_channels, c.cross_attention_dim
-
-
-def cond_spec(model: Denoiser, lead: tuple) -> Any:
-    """Abstract conditioning with leading axes `lead`: (..., 77, D), or SDXL's TextCond."""
-    c, f32, spec = model.module.config, jnp.float32, jax.ShapeDtypeStruct
-    tokens = spec(tuple(lead) + (77, c.cross_attention_dim), f32)
-    return TextCond(tokens, spec(tuple(lead) + (c.pooled_dim,), f32)) if c.pooled_dim else tokens
 
 
 def cond_shapes(model: Denoiser) -> Any:

@@ -24,7 +24,6 @@ max(FLOPs / peak, bytes / HBM bandwidth), per image. All of it is an estimate, n
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import functools
 import json
@@ -39,12 +38,14 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes ma
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks import memory  # noqa: E402
-from nti_jax.core import null_text, p2p, parallel, planning  # noqa: E402
+from nti_jax.core import null_text, p2p, parallel  # noqa: E402
+from nti_jax.core.chips import CHIPS  # noqa: E402
+from nti_jax.core.costs import cond_spec, costs, flash_correction, placed, roofline_s, unet_call, xla_cost  # noqa: E402
 from nti_jax.core.sampling import Denoiser  # noqa: E402
 from nti_jax.core.schedule import Schedule  # noqa: E402
 from nti_jax.core.settings import InvertSettings  # noqa: E402
@@ -53,8 +54,6 @@ from nti_jax.models import flash  # noqa: E402
 from nti_jax.models.unet import REMAT_MODES  # noqa: E402
 
 GIB = 2**30
-# topology to ask libtpu for, HBM GiB per chip, peak dense bf16 TFLOP/s, HBM TB/s (vendor figures)
-CHIPS = {"v5e": ("v5e:2x2", 16.0, 197.0, 0.819)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +81,7 @@ def chip_mesh(chip: str) -> jax.sharding.Mesh:
     """A one-chip mesh (axis "batch") of compile-only TPU devices."""
     from jax.experimental import topologies
 
-    return parallel.local_mesh(topologies.get_topology_desc(CHIPS[chip][0], "tpu").devices[:1])
-
-
-def placed(tree: Any, mesh, spec: P = P()) -> Any:
-    """`tree`'s arrays as ShapeDtypeStructs laid out as `spec` on `mesh`."""
-    where = NamedSharding(mesh, spec)
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=where), tree)
+    return parallel.local_mesh(topologies.get_topology_desc(CHIPS[chip].topology, "tpu").devices[:1])
 
 
 def memory_figures(lowered, hbm_gib: float, reserve_gib: float) -> tuple[Any, dict]:
@@ -104,99 +97,6 @@ def memory_figures(lowered, hbm_gib: float, reserve_gib: float) -> tuple[Any, di
     text = compiled.as_text()  # which kernels it got: CPU's conv gradient is a conditional, flash a custom call
     out.update(hlo_conditionals=text.count(" conditional("), tpu_custom_calls=text.count('custom_call_target="tpu_custom_call"'))
     return compiled, out
-
-
-def _xla_cost(compiled) -> dict:
-    c = compiled.cost_analysis()
-    c = c[0] if isinstance(c, (list, tuple)) else c
-    return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0))}
-
-
-def _subjaxprs(params: dict):
-    for v in params.values():
-        for x in v if isinstance(v, (tuple, list)) else (v,):
-            if hasattr(x, "eqns"):
-                yield x
-            elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
-                yield x.jaxpr
-
-
-def pallas_calls(jaxpr, counts=None) -> collections.Counter:
-    """(q shape, k shape, dtype, declares a cost) -> calls, in `jaxpr` and the jaxprs inside it,
-    a loop body once (XLA's counting); of a conditional only the last branch."""
-    counts = collections.Counter() if counts is None else counts
-    for e in jaxpr.eqns:
-        if e.primitive.name == "pallas_call":
-            q, k = e.invars[0].aval, e.invars[1].aval
-            counts[(q.shape, k.shape, str(q.dtype), e.params.get("cost_estimate") is not None)] += 1
-            continue
-        subs = list(_subjaxprs(e.params))
-        for sub in subs[-1:] if e.primitive.name == "cond" else subs:
-            pallas_calls(sub, counts)
-    return counts
-
-
-@functools.lru_cache(maxsize=None)
-def _isolated(mesh, q: tuple, k: tuple, dtype: str, backward: bool) -> dict:
-    """What XLA's cost analysis counts for one flash kernel call of (B, H, L, D) shapes alone."""
-    from jax.experimental.pallas.ops.tpu import flash_attention as pf
-
-    b, h, lq, d = q
-    blocks = flash.block_sizes(flash.padded((b, lq, h, d), (b, k[2], h, d)))
-    f = lambda q, k, v: pf.flash_attention(q, k, v, sm_scale=0.1, block_sizes=blocks)
-    if backward:
-        f = jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
-    with jax.set_mesh(mesh):
-        args = placed([jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for s in (q, k, k)], mesh)
-        return _xla_cost(jax.jit(f).lower(*args).compile())
-
-
-def flash_correction(jaxpr, mesh) -> dict:
-    """FLOPs and bytes to add to XLA's count of a program: each flash call's count from its tiling
-    less what XLA counted for it. A differentiated call is a forward and two backward kernels."""
-    calls = pallas_calls(jaxpr)
-    groups: dict = collections.defaultdict(lambda: [0, 0])
-    for (q, k, dtype, declared), n in calls.items():
-        groups[(q, k, dtype)][0 if declared else 1] += n
-    out = {"flops": 0.0, "bytes": 0.0, "flash_calls": 0}
-    for (q, k, dtype), (n_fwd, n_bwd_kernels) in groups.items():
-        n_bwd = n_bwd_kernels // 2
-        b, h, lq, d = q
-        for backward, n in ((True, n_bwd), (False, n_fwd - n_bwd)):
-            ours = flash.traffic((b, lq, h, d), (b, k[2], h, d), jnp.dtype(dtype).itemsize, backward)
-            xla = _isolated(mesh, q, k, dtype, backward)
-            out["flops"] += n * (ours["flops"] - xla["flops"])
-            out["bytes"] += n * (ours["bytes"] - xla["bytes"])
-        out["flash_calls"] += n_fwd
-    return out
-
-
-def costs(fn: Callable, args: tuple, mesh) -> dict:
-    """FLOPs and bytes of `fn(*args)` compiled for the chip (a loop body once), flash kernels
-    counted from their tiling."""
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(fn).lower(*args).compile()
-        jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    xla, corr = _xla_cost(compiled), flash_correction(jaxpr, mesh)
-    return {"flops": xla["flops"] + corr["flops"], "bytes": xla["bytes"] + corr["bytes"], "flash_calls": corr["flash_calls"]}
-
-
-def roofline_s(c: dict, chip: str) -> float:
-    """max(FLOPs / peak, bytes / bandwidth) in seconds (an estimate)."""
-    _, _, tflops, tbs = CHIPS[chip]
-    return max(c["flops"] / (tflops * 1e12), c["bytes"] / (tbs * 1e12))
-
-
-def unet_call(model: Denoiser, mesh, batch: int, grad_remat: str = "") -> dict:
-    """One UNet call of `batch` rows (with `grad_remat`: its gradient w.r.t. the conditioning, as
-    the null-text inner loop takes it)."""
-    s, ch, _ = memory._dims(model)
-    x = placed(jax.ShapeDtypeStruct((batch, s, s, ch), jnp.float32), mesh)
-    cond = placed(memory.cond_spec(model, (batch,)), mesh)
-    if not grad_remat:
-        return costs(lambda m, x, c: m(x, jnp.int32(500), c), (model, x, cond), mesh)
-    f = lambda m, x, c: jax.grad(lambda c: jnp.sum(planning.with_remat(m, grad_remat)(x, jnp.int32(500), c)))(c)
-    return costs(f, (model, x, cond), mesh)
 
 
 def decode_call(pipe, mesh, batch: int) -> dict:
@@ -215,7 +115,7 @@ def invert_inputs(pipe, mesh, pt: Point) -> null_text.InvertInputs:
 def invert_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: Callable) -> dict:
     """Null-text, remat as the planner would choose (the first of REMAT_MODES that fits), then
     its per-call costs: 3 forwards per step (pivot, eps_c, the step) and `inner` gradients."""
-    inputs, hbm = invert_inputs(pipe, mesh, pt), CHIPS[chip][1]
+    inputs, hbm = invert_inputs(pipe, mesh, pt), CHIPS[chip].hbm_gib
     modes = REMAT_MODES if pt.remat == "auto" else (pt.remat,)
     for mode in modes:
         lowered = parallel.sharded_program(mesh, "null-text", None, mode).lower(model, inputs)
@@ -233,7 +133,7 @@ def per_image(parts: list, images: int, chip: str) -> dict:
     """Totals per image of (cost, calls) pairs and the roofline seconds per image."""
     return {"flops_per_image": sum(c["flops"] * n for c, n in parts) / images,
             "bytes_per_image": sum(c["bytes"] * n for c, n in parts) / images,
-            "roofline_s_per_image": sum(roofline_s(c, chip) * n for c, n in parts) / images}
+            "roofline_s_per_image": sum(roofline_s(c, CHIPS[chip]) * n for c, n in parts) / images}
 
 
 def loop_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: Callable) -> dict:
@@ -241,11 +141,11 @@ def loop_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: Ca
     2 x prompts rows per step with its hooks, one decode of the prompts' images): the program's
     count (its step once) less its decodes is one step."""
     lowered, args = reconstruct_lowered(pipe, model, mesh, pt) if pt.program == "reconstruct" else edit_lowered(pipe, model, mesh, pt)
-    compiled, fig = memory_figures(lowered, CHIPS[chip][1], reserve)
+    compiled, fig = memory_figures(lowered, CHIPS[chip].hbm_gib, reserve)
     with jax.set_mesh(mesh):
         jaxpr = jax.make_jaxpr(lowered_fn(pt, pipe, mesh))(*args).jaxpr
     corr = flash_correction(jaxpr, mesh)
-    once = {k: _xla_cost(compiled)[k] + corr[k] for k in ("flops", "bytes")}
+    once = {k: xla_cost(compiled)[k] + corr[k] for k in ("flops", "bytes")}
     decodes, rows = (2, pt.batch) if pt.program == "reconstruct" else (1, pt.batch)
     dec = decode_call(pipe, mesh, rows)
     step = {k: once[k] - decodes * dec[k] for k in ("flops", "bytes")}
@@ -267,8 +167,8 @@ def reconstruct_lowered(pipe, model, mesh, pt: Point):
     f32, spec, n, b = jnp.float32, jax.ShapeDtypeStruct, pt.steps, pt.batch
     rows = lambda tree: placed(tree, mesh, P(parallel.AXIS))
     sched = placed(Schedule(spec((n,), jnp.int32), spec((n,), f32), spec((n,), f32)), mesh)
-    args = (model, placed(pipe.params["vae"], mesh), sched, rows(spec((b, s, s, ch), f32)), rows(memory.cond_spec(model, (b,))),
-            rows(memory.cond_spec(model, (b, n))), rows(spec((b, n + 1, s, s, ch), f32)), placed(spec((), f32), mesh))
+    args = (model, placed(pipe.params["vae"], mesh), sched, rows(spec((b, s, s, ch), f32)), rows(cond_spec(model, (b,))),
+            rows(cond_spec(model, (b, n))), rows(spec((b, n + 1, s, s, ch), f32)), placed(spec((), f32), mesh))
     with jax.set_mesh(mesh):
         return lowered_fn(pt, pipe, mesh).lower(*args), args
 
@@ -296,8 +196,8 @@ def edit_lowered(pipe, model, mesh, pt: Point):
     _, arr = _edit_static(pipe, pt)
     arr = placed(jax.tree_util.tree_map(lambda a: spec((1,) + np.shape(a), np.asarray(a).dtype), arr), mesh, P(parallel.AXIS))
     fields = p2p.EditInputs(Schedule(spec((n,), jnp.int32), spec((n,), f32), spec((n,), f32)), spec((1, s, s, ch), f32),
-                            memory.cond_spec(model, (1, r)), memory.cond_spec(model, (1, n)), spec((1, n + 1, s, s, ch), f32),
-                            spec((1,), f32), memory.cond_spec(model, (1,)))
+                            cond_spec(model, (1, r)), cond_spec(model, (1, n)), spec((1, n + 1, s, s, ch), f32),
+                            spec((1,), f32), cond_spec(model, (1,)))
     inputs = p2p.EditInputs(*[placed(a, mesh, sp) for a, sp in zip(fields, p2p.EditInputs.specs(parallel.AXIS))])
     inputs = inputs._replace(sched=placed(fields.sched, mesh))
     args = (model, placed(pipe.params["vae"], mesh), arr, inputs)
@@ -374,12 +274,12 @@ def layer_row(mesh, chip: str, layer: tuple, batch: int, kind: str) -> dict:
     f = jax.grad(lambda q, k, v: jnp.sum(attention.fused_attention(q, k, v, d**-0.5).astype(jnp.float32)), argnums=(0, 1, 2))
     args = placed([jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in (qs, ks, ks)], mesh)
     with jax.set_mesh(mesh):
-        _, fig = memory_figures(jax.jit(f).lower(*args), CHIPS[chip][1], 0.0)
+        _, fig = memory_figures(jax.jit(f).lower(*args), CHIPS[chip].hbm_gib, 0.0)
     c = costs(f, tuple(args), mesh)
     counted = kind != "chunked"  # XLA counts one chunk of a chunked layer (a loop body once)
     return {"layer": name, "batch": batch, "kernel": kind, "temporaries_mib": fig["temporaries_gib"] * 1024,
             "code_mib": fig["code_gib"] * 1024, "gflop": c["flops"] / 1e9 if counted else None,
-            "gbytes": c["bytes"] / 1e9 if counted else None, "roofline_us": roofline_s(c, chip) * 1e6 if counted else None,
+            "gbytes": c["bytes"] / 1e9 if counted else None, "roofline_us": roofline_s(c, CHIPS[chip]) * 1e6 if counted else None,
             "flash_calls": c["flash_calls"], "compile_s": fig["compile_s"]}
 
 
@@ -415,7 +315,7 @@ def run_unet(args) -> None:
             for grad in ("", args.remat):
                 t, c = time.time(), unet_call(model, mesh, batch, grad)
                 call = f"gradient ({grad})" if grad else "forward"
-                print(json.dumps(dict(model=kind, batch=batch, call=call, seconds=round(time.time() - t, 1), roofline_ms=1e3 * roofline_s(c, args.chip), **c)), flush=True)
+                print(json.dumps(dict(model=kind, batch=batch, call=call, seconds=round(time.time() - t, 1), roofline_ms=1e3 * roofline_s(c, CHIPS[args.chip]), **c)), flush=True)
 
 
 def main(argv=None) -> None:

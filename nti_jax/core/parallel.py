@@ -232,8 +232,9 @@ class ShardedInverter:
     def plan(self, pipe: Pipeline, settings: InvertSettings, per_device: int, progress: Optional[Callable] = None,
              remat: str = "auto", max_device_memory: Optional[float] = None) -> planning.Choice:
         """Remat mode and images per device per call for `per_device` images per device, from the
-        compiled sharded programs (`planning.plan_program`)."""
-        model = self.placed(pipe).model
+        compiled sharded programs (`planning.plan_program`). Nothing is placed on the mesh, so
+        a mesh of compile-only TPU devices (`jax.experimental.topologies`) plans for its chips."""
+        model = Denoiser.of(pipe)
         whole, batched = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
 
         def spec(rows: int) -> InvertInputs:
@@ -241,12 +242,12 @@ class ShardedInverter:
             return InvertInputs(*[a if s == P(AXIS) else jax.tree_util.tree_map(lambda x: x.update(sharding=whole), a)
                                   for a, s in zip(specs, InvertInputs.specs(AXIS))])
 
-        model_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), model)
+        model_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), model)
         lower = lambda rows, mode: sharded_program(self.mesh, settings.method, progress, mode).lower(model_spec, spec(rows))
         key = (progress, model.module, model.prediction_type, self.mesh, planning.shape_key(model_spec, spec(1)))
         s, ch = pipe.image_size // pipe.latent_factor, pipe.unet.config.in_channels
         return plan_program(model, settings.method, remat, per_device, lower, key, max_device_memory=max_device_memory,
-                            latent=(s, s, ch), context=cond_shapes(pipe))
+                            latent=(s, s, ch), context=cond_shapes(pipe), device=self.devices[0])
 
     def invert(
         self, pipe: Pipeline, images: Sequence[np.ndarray], prompts: Sequence[str], settings: InvertSettings,

@@ -22,6 +22,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
+from nti_jax.core.chips import RESERVE_GIB, chip_of_kind
 from nti_jax.loading.conditioning import Cond
 from nti_jax.core.sampling import Denoiser
 from nti_jax.models.unet import REMAT_MODES
@@ -46,20 +47,33 @@ class Choice(NamedTuple):
     tried: tuple  # ((rows, remat, need_bytes), ...) in the order compiled
 
 
-def program_bytes(compiled) -> int:
-    """Device bytes one call of `compiled` needs, per device, by XLA's memory analysis."""
+def program_bytes(compiled, platform: str = "") -> int:
+    """Device bytes one call of `compiled` needs, per device, by XLA's memory analysis: arguments
+    + outputs + temporaries - aliased, plus the generated code on a TPU (it lives in HBM)."""
     m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    code = m.generated_code_size_in_bytes if platform == "tpu" else 0
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes + code)
 
 
 def free_bytes(device=None) -> int:
     """Free memory of `device` (default: the first local one): its allocator's limit less what is
-    in use, or the host's available RAM for a CPU."""
+    in use; for a TPU that this process cannot reach (a compile-only description), its HBM less
+    a reserve (`chips`); the host's available RAM for a CPU."""
     device = device or jax.local_devices()[0]
+    if not _addressable(device):
+        return int((chip_of_kind(device.device_kind).hbm_gib - RESERVE_GIB) * GIB)
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _addressable(device) -> bool:
+    """Whether `device` is one this process runs on (not a compile-only TPU description)."""
+    try:
+        return device in jax.local_devices(backend=device.platform)
+    except RuntimeError:  # no such backend in this process: a description only
+        return False
 
 
 _FREE_AT_FIRST_PLAN: dict = {}  # device -> its free bytes when a program was first planned for it
@@ -76,8 +90,8 @@ def budget_bytes(max_device_memory: Optional[float], resident_bytes: int = 0, de
             raise ValueError(f"max_device_memory must be a positive number of GiB, got {max_device_memory!r}")
         return int(max_device_memory * GIB)
     device = device or jax.local_devices()[0]
-    if device not in _FREE_AT_FIRST_PLAN:
-        _FREE_AT_FIRST_PLAN[device] = free_bytes(device) + resident_bytes
+    if device not in _FREE_AT_FIRST_PLAN:  # a compile-only TPU holds no weights yet
+        _FREE_AT_FIRST_PLAN[device] = free_bytes(device) + (resident_bytes if _addressable(device) else 0)
     return _FREE_AT_FIRST_PLAN[device]
 
 
@@ -103,16 +117,17 @@ _EXECUTABLES: dict = {}  # (key, candidate) -> compiled, for candidates that fit
 
 
 def choose(key: tuple, batch: int, modes: Sequence[str], lower: Callable[[int, str], Any], budget: int,
-           estimate: Optional[Callable[[int, str], int]] = None) -> Choice:
+           estimate: Optional[Callable[[int, str], int]] = None, platform: str = "") -> Choice:
     """The first candidate (see `candidates`) whose compiled program fits `budget` bytes.
     `lower(rows, remat)` lowers the program for that candidate; `key` names the program and its
-    input shapes (everything but the candidate) for the caches."""
+    input shapes (everything but the candidate) for the caches; `platform` the target's
+    (`program_bytes`)."""
     tried = []
     for cand in candidates(batch, modes, estimate, budget):
         k = (key, cand)
         if k not in _ANALYSED:
             compiled = lower(cand.rows, cand.remat).compile()
-            _ANALYSED[k] = program_bytes(compiled)
+            _ANALYSED[k] = program_bytes(compiled, platform)
             if _ANALYSED[k] <= budget:
                 _EXECUTABLES[k] = compiled
         tried.append((cand.rows, cand.remat, _ANALYSED[k]))
@@ -205,14 +220,17 @@ def check_remat(remat: str) -> None:
 
 
 def plan_program(model: Denoiser, method: str, remat: str, batch: int, lower: Callable[[int, str], Any], key: tuple, *,
-                 max_device_memory: Optional[float] = None, latent: Sequence[int] = (), context: Any = ()) -> Choice:
-    """Remat mode and rows per call for `batch` images per device, from the compiled candidates
-    (`planning.choose`): every mode for null-text under "auto", else the one given ("none" for
-    the methods with no gradient). The gradient's residual bytes order the candidates."""
+                 max_device_memory: Optional[float] = None, latent: Sequence[int] = (), context: Any = (),
+                 device=None) -> Choice:
+    """Remat mode and rows per call for `batch` images per `device` (default: the first local
+    one; a compile-only TPU plans for its HBM), from the compiled candidates (`planning.choose`):
+    every mode for null-text under "auto", else the one given ("none" for the methods with no
+    gradient). The gradient's residual bytes order the candidates."""
     check_remat(remat)
     modes = ("none",) if method != "null-text" else REMAT_MODES if remat == "auto" else (remat,)
-    budget = budget_bytes(max_device_memory, param_bytes(model))
+    device = device or jax.local_devices()[0]
+    budget = budget_bytes(max_device_memory, param_bytes(model), device)
     estimate = None
     if method == "null-text" and latent:
         estimate = lambda rows, mode: gradient_residual_bytes(model, rows, latent, context, mode)
-    return choose((method,) + key, batch, modes, lower, budget, estimate)
+    return choose((method,) + key, batch, modes, lower, budget, estimate, device.platform)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(FLAGS["verify"], action="store_true", help="check finished images' files against their recorded SHA-256 (always: their sizes) before skipping them")
     g.add_argument("--check", metavar="OUT", help="verify the finished images of output folder OUT (sizes and SHA-256) and run nothing: one line per damaged image, exit status 1 if any; with --verify, records the checksums of images written before checksums were (a migration)")
     g.add_argument(FLAGS["claim_timeout"], type=_finite_float, metavar="S", help="seconds without a heartbeat after which another worker takes over a claimed image (default %(default)s; at once when the worker's pid is gone in this kernel and pid namespace); also how long a multi-host run waits for a process whose heartbeat stopped")
+    g.add_argument("--plan", metavar="TARGET", help="run nothing: compile the inversion for a TPU target (v5e, v6e, v4, or a topology such as v5e:2x4) from this host and print the remat, images per call, memory and estimated seconds per image it would use, from the model, --dtype, --batch-size and the inversion flags (needs requirements-tpu.txt)")
     g.add_argument(FLAGS["step_progress"], action="store_true", help="a progress bar over the diffusion steps of each batch (the inversion program is then not cached)")
     defaults = DEFAULT_SETTINGS.to_dict()
     p.set_defaults(out=DEFAULT_OUT, **RUN_DEFAULTS, **{_dest(flag): defaults[field] for field, flag in SETTING_FLAGS.items()})
@@ -292,6 +294,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _check(args)
         args.model = args.model or DEFAULT_MODEL
         cfg = config_from_args(args, "plain" if args.pie_bench else DEFAULT_EDIT_GUIDANCE)
+        if args.plan is not None:
+            return _plan(args, cfg)
         return _run(args, cfg, sys.argv[1:] if argv is None else argv)
     except UsageError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
@@ -320,6 +324,20 @@ def _check(args) -> int:
         print(f"{len(unrecorded)} finished image(s) written before checksums were recorded: {said}", file=sys.stderr)
     print(f"{checked} finished image(s) checked in {args.check}: {len(lines)} damaged", file=sys.stderr)
     return 1 if lines else 0
+
+
+def _plan(args, cfg: RunConfig) -> int:
+    """--plan TARGET: the plan's lines on stdout (and its JSON on the last line)."""
+    from nti_jax.run import fit
+
+    try:
+        pipe = load_pipeline(cfg.model, dtype=cfg.dtype)
+    except NtiError as e:
+        raise UsageError(f"cannot load the model: {e}") from None
+    plan = fit.plan_target(pipe, cfg, args.plan)
+    print("\n".join(fit.describe(plan)))
+    print(json.dumps(plan))
+    return 0
 
 
 def _run(args, cfg: RunConfig, argv: list[str]) -> int:
