@@ -1,5 +1,7 @@
 """The library's exceptions: each carries a one-line message meant for the user."""
 
+from typing import Sequence
+
 
 class NtiError(Exception):
     """Base class of every error nti-jax raises on bad input."""
@@ -21,6 +23,15 @@ class OptimisationError(NtiError):
     """A numerical failure that could not be recovered from."""
 
 
+class DeviceMemoryError(Exception):
+    """A program call that ran out of device memory with one row per device, the fewest there
+    are. `done`: the results of the calls that finished before it (the caller keeps them)."""
+
+    def __init__(self, message: str, done: Sequence = ()):
+        super().__init__(message)
+        self.done = list(done)
+
+
 class PromptTruncatedWarning(UserWarning):
     """A prompt longer than the text encoder's limit (77 tokens) was cut to it, as diffusers does."""
 
@@ -33,6 +44,8 @@ def one_line(e: BaseException) -> str:
     """An exception as one line for the user, without Python's class names (an exception with no
     message says only what kind of failure it was)."""
     msg = " ".join(str(e).split())
+    if isinstance(e, DeviceMemoryError):  # its message says it all (a smaller batch would not help)
+        return msg
     if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in msg:
         return "out of memory" + (f" ({msg})" if msg else "") + "; use a smaller --batch-size"
     if isinstance(e, OSError) and e.strerror:

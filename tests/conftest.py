@@ -81,7 +81,7 @@ def sdxl_folder(tmp_path_factory):
 HEAVY_FIRST = ("test_memory.py", "test_inversion.py", "test_toy_model.py", "test_tpu_aot.py", "test_toy_train.py", "test_workers.py",
                "test_p2p.py", "test_bench_inversion.py", "test_transfers.py", "test_p2p_vs_reference.py", "test_parallel.py",
                "test_sdxl.py", "test_notebook.py", "test_cli.py", "test_faults.py", "test_pie_bench.py", "test_run_folder_pie.py",
-               "test_tpu_kernels.py", "test_one_road.py")
+               "test_tpu_kernels.py", "test_oom.py", "test_one_road.py")
 
 
 def pytest_collection_modifyitems(items):

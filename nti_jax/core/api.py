@@ -64,8 +64,9 @@ def invert(
     `remat`: what the null-text gradient recomputes instead of keeping ("none", "blocks", "full",
     see `models.unet.REMAT_MODES`), or "auto": the fastest whose compiled program fits the
     device's free memory, or `max_device_memory` GiB (`planning`); a batch that fits in no mode
-    runs in several calls of fewer images. They change memory and time, not the result (in bf16
-    a row's rounding depends on its call's batch).
+    runs in several calls of fewer images, and so does one whose call runs out of device memory
+    all the same (`oom`). They change memory and time, not the result (in bf16 a row's rounding
+    depends on its call's batch).
     """
     if settings is None or overrides:
         settings = dataclasses.replace(settings or InvertSettings(), **overrides)

@@ -7,7 +7,9 @@ and prompts, then `inversion.invert_core` runs in `jax.shard_map` (every device 
 come back as `Inversion`s that stay on that device. A device computes exactly what a
 single-device run with the same per-device batch computes (pivots bit-identical on CPU; the null
 embeddings agree to float rounding of the gradients, ~1e-3 of how far they moved).
-`reconstruct` and `edit` run on every device at once too. Several hosts: `run/hosts.py`.
+`reconstruct` and `edit` run on every device at once too. Every call of the three programs goes
+through `call_program`; one that runs out of device memory runs again with half its rows per
+device (`oom.RowLimits`). Several hosts: `run/hosts.py`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import functools
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nti_jax.core import p2p, planning
+from nti_jax.core import oom, p2p, planning
 from nti_jax.core.inversion import Inversion, inversion_schedule
 from nti_jax.core.null_text import InvertInputs, abstract_inputs, assemble, cond_shapes, invert_core, prepare_inputs
 from nti_jax.core.planning import check_remat, pad_rows, plan_program
@@ -65,6 +68,25 @@ def _local(x: jax.Array, device) -> jax.Array:
     """`device`'s own piece of a sharded or replicated array (no copy)."""
     (piece,) = [s.data for s in x.addressable_shards if s.device == device]
     return piece
+
+
+def _take(tree, mesh: Mesh, start: int, rows: int, per: int):
+    """Rows [start, start + rows) of each device's `per` rows of a batch-split pytree, split the
+    same way (past `per`, the last row repeats)."""
+    idx = np.array([start + r for r in pad_rows(min(rows, per - start), rows)])
+    return _glue([jax.tree_util.tree_map(lambda a: _local(a, d)[idx], tree) for d in mesh.devices.flat], mesh)
+
+
+def _join(parts: Sequence, mesh: Mesh, per: int):
+    """Calls' batch-split pytrees, each device's rows in call order, cut to its first `per`."""
+    one = lambda d: jax.tree_util.tree_map(lambda *a: jnp.concatenate([_local(x, d) for x in a])[:per], *parts)
+    return _glue([one(d) for d in mesh.devices.flat], mesh)
+
+
+def call_program(kind: str, program: Callable, rows: int, *args):
+    """One call of the `kind` program ("invert", "reconstruct", "edit") with `rows` rows per
+    device: the one place the three run (tests inject out-of-memory failures here)."""
+    return program(*args)
 
 
 def _glue(pieces: Sequence, mesh: Mesh):
@@ -172,12 +194,19 @@ class ShardedInverter:
     them to fill every device) and returns each call's rows as a `Batch` that stays split;
     `reconstruct` and `edit` run on each device's own rows in one program per call, so an image's
     arrays never leave the device that inverted it until `Batch.host`. The model's parameters are
-    replicated once per pipeline."""
+    replicated once per pipeline. `limits`: the rows per device each program kind and shape may
+    take after an out-of-memory, and the retries so far (`oom_retries`)."""
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
         self._programs: set = set()  # the programs `invert` ran: compiled executables or jitted functions
         self._setup_for: Optional[_Setup] = None
+        self.limits = oom.RowLimits()
+
+    @property
+    def oom_retries(self) -> int:
+        """Calls run again with fewer rows after an out-of-memory, so far."""
+        return self.limits.retries
 
     @property
     def num_devices(self) -> int:
@@ -257,38 +286,60 @@ class ShardedInverter:
         of the program, in order, together holding every image once. `remat`: what the null-text
         gradient recomputes instead of keeping (`models.unet.REMAT_MODES`), or "auto"; with "auto"
         or `max_device_memory` (GiB per device) the mode and the images per call come from the
-        compiled programs (`plan`), and a share that fits in no mode runs in several calls.
-        Results do not depend on either (in bf16, a row's rounding depends on its call's batch)."""
+        compiled programs (`plan`), and a share that fits in no mode runs in several calls; so
+        does one whose call runs out of device memory (`oom.RowLimits`: `DeviceMemoryError`,
+        holding the finished `Batch`es, when one image per device does not fit). Results do not
+        depend on either (in bf16, a row's rounding depends on its call's batch)."""
         if len(images) != len(prompts) or not images:
             raise ValueError(f"{len(images)} images and {len(prompts)} prompts")
         model = self.placed(pipe).model
         check_remat(remat)
-        per = -(-len(images) // self.num_devices)
-        if remat == "auto" or max_device_memory is not None:
-            choice = self.plan(pipe, settings, per, progress, remat, max_device_memory)
-            program, per, remat = choice.compiled, choice.rows, choice.remat
-        else:
-            program = sharded_program(self.mesh, settings.method, progress, remat)
-        self._programs.add(program)
-        step = per * self.num_devices
-        batches = []
-        for start in range(0, len(images), step):
-            n = min(step, len(images) - start)
-            rows = [start + r for r in pad_rows(n, step)]
+        nd, total = self.num_devices, -(-len(images) // self.num_devices)
+        key = ("invert", self.mesh, model.module, settings, progress, remat, max_device_memory, np.shape(images[0]))
+        program = functools.partial(self._invert_program, pipe, settings, progress, remat, max_device_memory)
+
+        def call(start: int, k: int) -> Batch:
+            run, fits, mode = program(k)
+            if fits != k:  # the planner would split k rows further: its mode, for k rows
+                run = sharded_program(self.mesh, settings.method, progress, mode)
+            self._programs.add(run)
+            n = min(k * nd, len(images) - start * nd)
+            rows = [start * nd + r for r in pad_rows(n, k * nd)]
             padded = [prompts[r] for r in rows]
             inputs = self.prepare(pipe, [images[r] for r in rows], padded, settings)
-            out = program(model, inputs)
-            batches.append(Batch(assemble(pipe, settings, padded, inputs.cond, inputs.sched.timesteps, out), n, remat))
-        return batches
+            out = call_program("invert", run, k, model, inputs)
+            return Batch(assemble(pipe, settings, padded, inputs.cond, inputs.sched.timesteps, out), n, mode)
+
+        return self.limits.calls(key, total, program(self.limits.first(key, total))[1], call)
+
+    def _invert_program(self, pipe: Pipeline, settings: InvertSettings, progress: Optional[Callable], remat: str,
+                        max_device_memory: Optional[float], rows: int) -> tuple[Callable, int, str]:
+        """(the inversion program for `rows` images per device, the rows it was planned for, its
+        remat mode): under "auto" or a memory budget the planner's choice (`plan`: perhaps
+        fewer rows), else the jitted program."""
+        if remat == "auto" or max_device_memory is not None:
+            choice = self.plan(pipe, settings, rows, progress, remat, max_device_memory)
+            return choice.compiled, choice.rows, choice.remat
+        return sharded_program(self.mesh, settings.method, progress, remat), rows, remat
 
     def reconstruct(self, pipe: Pipeline, inv: Inversion) -> Reconstruction:
-        """Reconstructions of a `Batch`'s (or any) inversion: each device its own rows, in one call."""
+        """Reconstructions of a `Batch`'s (or any) inversion: each device its own rows, in one call
+        (in several of fewer rows after an out-of-memory, joined)."""
         mesh, inv, placed = self._on(pipe, inv)
-        program = reconstruct_program(mesh, inv.method == "direct", pipe.vae, pipe.scaling_factor)
+        direct = inv.method == "direct"
+        program = reconstruct_program(mesh, direct, pipe.vae, pipe.scaling_factor)
         whole = NamedSharding(mesh, P())
         sched = jax.device_put(inversion_schedule(pipe, inv), whole)
-        return program(placed.model, placed.vae, sched, inv.x_T, inv.cond_embeddings, inv.null_embeddings, inv.pivots,
-                       jax.device_put(np.float32(inv.settings.guidance_scale), whole))
+        guidance = jax.device_put(np.float32(inv.settings.guidance_scale), whole)
+        rows, per = (inv.x_T, inv.cond_embeddings, inv.null_embeddings, inv.pivots), inv.num_images // mesh.size
+        key = ("reconstruct", mesh, direct, placed.model.module, pipe.vae, oom.row_key(rows))
+
+        def call(start: int, k: int) -> Reconstruction:
+            part = rows if k == per else _take(rows, mesh, start, k, per)
+            return call_program("reconstruct", program, k, placed.model, placed.vae, sched, *part, guidance)
+
+        parts = self.limits.calls(key, per, per, call)
+        return parts[0] if len(parts) == 1 else _join(parts, mesh, per)
 
     def edit(self, pipe: Pipeline, inv: Inversion, jobs: Sequence[EditJob]) -> list[Union[EditResult, Exception]]:
         """Run edits of `inv`'s images. The edits of one key run as one program, each on the device
@@ -305,29 +356,38 @@ class ShardedInverter:
             groups.setdefault(job.spec.key, []).append(j)
         for key, members in groups.items():
             mine = [[j for j in members if jobs[j].row // per == d] for d in range(len(devices))]
+            program = edit_program(mesh, key[0], key[1], pipe.vae, pipe.scaling_factor)
+
+            def call(start: int, k: int) -> None:
+                """Each device's edits [start, start + k) of this key, one program; their results into `out`."""
+                now = [js[start : start + k] for js in mine]
+                pieces = [_edit_piece(jobs, js, members[0], k, d * per, local[d], sched) for d, js in enumerate(now)]
+                arr, inputs = _glue(pieces, mesh)
+                result = jax.device_get(call_program("edit", program, k, placed.model, placed.vae, arr, inputs._replace(sched=sched)))
+                for d, js in enumerate(now):
+                    for g, j in enumerate(js):
+                        out[j] = EditResult(*(a[d * k + g] for a in result))
+
             m = max(len(js) for js in mine)
-            pieces = []
-            for d, js in enumerate(mine):
-                fill = js + [js[0] if js else members[0]] * (m - len(js))
-                rows = [jobs[j].row - d * per if j in js else 0 for j in fill]  # a filler takes a row the device holds
-                specs = [jobs[j].spec for j in fill]
-                pieces.append((p2p.stack(specs), p2p.edit_inputs(local[d], rows, specs, sched)._replace(sched=None)))
-            arr, inputs = _glue(pieces, mesh)
             try:
-                result = jax.device_get(edit_program(mesh, key[0], key[1], pipe.vae, pipe.scaling_factor)(
-                    placed.model, placed.vae, arr, inputs._replace(sched=sched)))
-            except Exception as e:  # noqa: BLE001 - each job of the program gets its error
+                self.limits.calls(("edit", mesh, key, placed.model.module, pipe.vae, oom.row_key(local[0])), m, m, call)
+            except Exception as e:  # noqa: BLE001 - each job of the program not yet finished gets its error
                 for j in members:
-                    out[j] = e
-                continue
-            for d, js in enumerate(mine):
-                for g, j in enumerate(js):
-                    out[j] = EditResult(*(a[d * m + g] for a in result))
+                    out[j] = e if out[j] is None else out[j]
         return out
 
     def compiled_programs(self) -> int:
         """How many inversion programs this inverter compiled (tests: batches reuse one)."""
         return sum(p._cache_size() if hasattr(p, "_cache_size") else 1 for p in self._programs)
+
+
+def _edit_piece(jobs: Sequence[EditJob], js: list[int], spare: int, k: int, first_row: int, local: Inversion, sched):
+    """One device's `k` rows of an edit program: jobs `js` (on rows from `first_row` on of the
+    device's inversion `local`), filled by repeating one (or job `spare`, on row 0, if none)."""
+    fill = js + [js[0] if js else spare] * (k - len(js))
+    rows = [jobs[j].row - first_row if j in js else 0 for j in fill]  # a filler takes a row the device holds
+    specs = [jobs[j].spec for j in fill]
+    return p2p.stack(specs), p2p.edit_inputs(local, rows, specs, sched)._replace(sched=None)
 
 
 @functools.lru_cache(maxsize=8)

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from nti_jax.errors import NtiError, PromptError, PromptTruncatedWarning, one_line
+from nti_jax.errors import DeviceMemoryError, NtiError, PromptError, PromptTruncatedWarning, one_line
 from nti_jax.core.inversion import Inversion
 from nti_jax.io import load_image
 from nti_jax.run.ledger import Ledger, State
@@ -147,20 +147,25 @@ class Driver:
 
     def run_batch(self, batch: list[Work]) -> None:
         """Invert and reconstruct the batch on the devices; then, per call of the program, its
-        edits there, its arrays to the host once, and every image's files and row."""
+        edits there, its arrays to the host once, and every image's files and row. A call that
+        runs out of device memory runs again with fewer images (`ShardedInverter`); if one image
+        per device does not fit, the calls finished before it are kept and the rest fail."""
         import jax
 
-        t0 = time.time()
+        t0, retries, error = time.time(), self.inverter.oom_retries, None
         try:
             steps = self.step_progress.showing(self.cfg.settings.num_steps) if self.step_progress else contextlib.nullcontext()
             with warnings.catch_warnings(), steps:  # long prompts: recorded per image by `prepare`
                 warnings.simplefilter("ignore", PromptTruncatedWarning)
-                calls = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress, remat=self.cfg.remat,
-                                              max_device_memory=self.cfg.max_device_memory)
+                try:
+                    calls = self.inverter.invert(self.pipe, [it.pixels for it in batch], [it.prompt for it in batch], self.cfg.settings, self.step_progress,
+                                                  remat=self.cfg.remat, max_device_memory=self.cfg.max_device_memory)
+                except DeviceMemoryError as e:
+                    calls, error = e.done, one_line(e)
             recons = jax.block_until_ready([self.inverter.reconstruct(self.pipe, call.inv) for call in calls])
         except KeyboardInterrupt:
             raise
-        except Exception as e:  # the whole batch failed (e.g. out of memory): record, go on
+        except Exception as e:  # the whole batch failed: record, go on
             for it in batch:
                 self.fail(it.item, f"batch failed: {one_line(e)}")
             return
@@ -168,11 +173,14 @@ class Driver:
         start = 0
         for call, recon in zip(calls, recons):
             jobs, start = batch[start : start + call.n], start + call.n
-            self.finish_call(jobs, call, recon, t_inv / len(batch))
+            self.finish_call(jobs, call, recon, t_inv / len(batch), retries)
+        for it in batch[start:]:
+            self.fail(it.item, error)
         self._batch_line(len(batch), t_inv)
 
-    def finish_call(self, jobs: list[Work], call: Batch, recon: tuple, inv_seconds: float) -> None:
-        """The edits of one call's images, then their files and rows."""
+    def finish_call(self, jobs: list[Work], call: Batch, recon: tuple, inv_seconds: float, retries: int) -> None:
+        """The edits of one call's images, then their files and rows (`retries`: the inverter's
+        out-of-memory retries before the batch began; the record counts those since)."""
         t1 = time.time()
         invs = call.host()
         images, latents, vae = (np.asarray(a)[: call.n] for a in recon)
@@ -180,7 +188,8 @@ class Driver:
         edit_seconds = (time.time() - t1) / len(jobs)
         for k, (it, inv, (edits, error)) in enumerate(zip(jobs, invs, results)):
             metrics = image_metrics(it.item, inv, self.cfg, inv_seconds, it.warnings)
-            metrics["plan"] = plan_record(call.remat, call.inv.num_images // self.inverter.num_devices, self.inverter.num_devices, kernels(self.inverter.devices[0].platform))
+            metrics["plan"] = plan_record(call.remat, call.inv.num_images // self.inverter.num_devices, self.inverter.num_devices,
+                                          kernels(self.inverter.devices[0].platform), self.inverter.oom_retries - retries)
             if not add_reconstruction(metrics, it.pixels, inv, images[k], latents[k], vae[k]) and error is None:
                 error = "the reconstruction is not finite"
             self.finish(it, inv, images[k] if metrics["psnr"] is not None else None, edits, error, metrics, time.time() - edit_seconds)

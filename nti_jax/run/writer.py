@@ -47,8 +47,8 @@ def edit_file(k: int, edit: dict) -> str:
 def plan_record(remat: str, rows_per_call: int, devices: int, kernels: dict, oom_retries: Optional[int] = None) -> dict:
     """What an image's record says about the plan it ran with: the remat mode its program ran with
     (the planner's choice under --remat auto), the images per device per call of the program, the
-    devices, the kernels chosen for their platform, and out-of-memory retries (None: not counted
-    by this driver)."""
+    devices, the kernels chosen for their platform, and the out-of-memory retries of its batch
+    (calls run again with fewer rows: its inversion, reconstruction and edits so far)."""
     return {"remat": remat, "rows_per_call": rows_per_call, "devices": devices, "kernels": dict(kernels),
             "oom_retries": oom_retries}
 
