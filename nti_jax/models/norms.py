@@ -1,12 +1,12 @@
-"""GroupNorm and LayerNorm with float32 statistics, applied in the layer's dtype.
+"""GroupNorm and LayerNorm with float32 statistics, returning the layer's dtype.
 
 Flax's norms normalise in float32 and cast at the end, so in bf16 every norm's output and its
-gradient's residuals exist as float32 copies. Here only the statistics are float32 (the upcast
-fuses into the reductions); the normalisation itself runs in the layer's dtype, or in float32 where
-the dtype policy says so (`precision`, family "norms"). In float32 the
-operations are flax's own, in flax's order: (x - mean) * (rsqrt(var + eps) * scale) + bias with
-var = E[x^2] - E[x]^2. Parameters are flax's ("scale", "bias", float32), so weights convert
-unchanged.
+gradient's residuals exist as float32 copies. Here the statistics are float32 (the upcast fuses
+into the reductions), and the normalisation runs in float32 where the dtype policy says so
+(`precision`, family "norms": the default) inside a checkpoint, so a gradient keeps only the
+layer's input in its own dtype; else in the layer's dtype. In float32 the operations are flax's
+own, in flax's order: (x - mean) * (rsqrt(var + eps) * scale) + bias with var = E[x^2] -
+E[x]^2. Parameters are flax's ("scale", "bias", float32), so weights convert unchanged.
 """
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ def _apply(x: jax.Array, axes: tuple, eps: float, scale: jax.Array, bias: jax.Ar
     return (x - mean.astype(dt)) * mul.astype(dt) + bias.astype(dt)
 
 
+def _in_policy(norm, x: jax.Array, scale: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+    """`norm(x, scale, bias)` in the layer's `dtype`, or in float32 where the dtype policy says
+    (`precision`, "norms"), cast to `dtype`. The float32 form is checkpointed: a gradient keeps
+    `x` as it came (bf16) and recomputes the upcast, so it keeps no float32 copy."""
+    if compute_dtype("norms", dtype) == dtype:
+        return norm(x.astype(dtype), scale, bias)
+    f32 = jax.checkpoint(lambda x, scale, bias: norm(x.astype(jnp.float32), scale, bias).astype(dtype))
+    return f32(x, scale, bias)
+
+
 def _affine(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
     """The norm's "scale" (ones) and "bias" (zeros), float32, one per channel."""
     return (module.param("scale", nn.initializers.ones_init(), (channels,), jnp.float32),
@@ -61,8 +71,8 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale, bias = _affine(self, x.shape[-1])
-        dt = compute_dtype("norms", self.dtype)
-        return normalize(x.astype(dt), self.num_groups, self.epsilon, scale, bias).astype(self.dtype)
+        norm = lambda x, scale, bias: normalize(x, self.num_groups, self.epsilon, scale, bias)
+        return _in_policy(norm, x, scale, bias, self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -74,5 +84,5 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale, bias = _affine(self, x.shape[-1])
-        dt = compute_dtype("norms", self.dtype)
-        return _apply(x.astype(dt), (x.ndim - 1,), self.epsilon, scale, bias).astype(self.dtype)
+        apply = lambda x, scale, bias: _apply(x, (x.ndim - 1,), self.epsilon, scale, bias)
+        return _in_policy(apply, x, scale, bias, self.dtype)
