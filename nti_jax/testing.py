@@ -176,6 +176,17 @@ def make_mini_sd(folder: str, seed: int = 3) -> str:
     return save_sd_folder(folder, tiny_unet(UNET_MINI, seed), tiny_vae(seed=seed), tiny_text_encoder(seed=seed))
 
 
+def scene_folder(folder, n: int, seed0: int):
+    """`folder` holding n held-out shapes images (64 px, the toy model's size), img0.png ..."""
+    from PIL import Image
+
+    from nti_jax.toy import shapes
+
+    for k in range(n):
+        Image.fromarray(shapes.render(seed0 + k, 64).image).save(os.path.join(folder, f"img{k}.png"))
+    return folder
+
+
 def script_env(cache_dir: str, **extra: str) -> dict:
     """The environment of a `scripts/invert.py` subprocess in a test: this checkout's package, the
     compilation cache `cache_dir`, and no jax.distributed or XLA variables but those in `extra`."""

@@ -31,6 +31,7 @@ import nti_jax.io
 from nti_jax.run import cli, ledger, manifest
 from nti_jax.core import controllers, p2p
 from nti_jax import records, testing
+from nti_jax.testing import scene_folder
 from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,10 +53,7 @@ def pipe(model):
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     """Four held-out shapes images (64 px, the model's size) for the run-fault tests."""
-    folder = tmp_path_factory.mktemp("scenes")
-    for k in range(4):
-        Image.fromarray(shapes.render(2_000_000_300 + k, 64).image).save(folder / f"img{k}.png")
-    return folder
+    return scene_folder(tmp_path_factory.mktemp("scenes"), 4, 2_000_000_300)
 
 
 def scene(k: int) -> np.ndarray:

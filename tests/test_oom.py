@@ -23,8 +23,7 @@ from nti_jax import records
 from nti_jax.core import controllers, inversion, oom, p2p, parallel
 from nti_jax.errors import DeviceMemoryError, one_line
 from nti_jax.run import cli
-from nti_jax.testing import rel_err
-from nti_jax.toy import shapes
+from nti_jax.testing import rel_err, scene_folder
 
 SETTINGS = nti_jax.InvertSettings(num_steps=5, num_inner_steps=3, early_stop_epsilon=1.0)
 FAST = ["--steps", "5", "--inner-steps", "3", "--early-stop-eps", "1.0"]
@@ -70,10 +69,7 @@ def pipe(model):
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("scenes")
-    for k in range(4):
-        Image.fromarray(shapes.render(2_000_000_500 + k, 64).image).save(folder / f"img{k}.png")
-    return folder
+    return scene_folder(tmp_path_factory.mktemp("scenes"), 4, 2_000_000_500)
 
 
 @pytest.fixture(scope="module")

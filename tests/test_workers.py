@@ -15,12 +15,11 @@ import sys
 import time
 
 import pytest
-from PIL import Image
 
 from nti_jax.run import cli, ledger, writer
 from nti_jax import records, testing
 from nti_jax.models.unet import REMAT_MODES
-from nti_jax.toy import shapes
+from nti_jax.testing import scene_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "invert.py")
@@ -32,10 +31,7 @@ pytestmark = pytest.mark.usefixtures("cache_dir", "no_distributed_env")
 @pytest.fixture(scope="module")
 def nine(tmp_path_factory):
     """Nine shapes images (64 px, the model's size)."""
-    folder = tmp_path_factory.mktemp("nine")
-    for k in range(9):
-        Image.fromarray(shapes.render(2_000_000_500 + k, 64).image).save(folder / f"img{k}.png")
-    return folder
+    return scene_folder(tmp_path_factory.mktemp("nine"), 9, 2_000_000_500)
 
 
 @pytest.fixture(scope="module")
