@@ -1,5 +1,5 @@
-"""What a run shows and hears: the step progress bar, the per-batch log line, and SIGINT /
-SIGTERM held back while an image's record is written."""
+"""What a run shows and hears: the step progress bar, the per-batch log line with the images per
+hour and the time left, and SIGINT / SIGTERM held back while an image's record is written."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator
+import time
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -40,13 +41,48 @@ class StepProgress:
             bar.close()
 
 
-def batch_line(counts: dict, total: int, n: int, seconds: float) -> None:
-    """One line per batch on stderr, for logs (no terminal, so no progress bar)."""
-    print(
-        f"[{counts['done'] + counts['skipped'] + counts['failed']}/{total}] batch of {n} in {seconds:.1f} s; "
-        f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}",
-        file=sys.stderr, flush=True,
-    )
+class Throughput:
+    """Images this worker finished per hour since its run began, and the time left at that rate
+    (`clock`: seconds, monotonic)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.t0 = self.t1 = clock()
+
+    def start(self) -> None:
+        self.t0 = self.t1 = self.clock()
+
+    def stop(self) -> float:
+        """The run's seconds, now fixed."""
+        self.t1 = self.clock()
+        return self.t1 - self.t0
+
+    def per_hour(self, done: int, now: Optional[float] = None) -> float:
+        seconds = (self.clock() if now is None else now) - self.t0
+        return done * 3600.0 / seconds if seconds > 0 else 0.0
+
+    def record(self, done: int) -> dict:
+        """What run.json says of the run's speed (after `stop`)."""
+        return {"images_done": done, "run_seconds": round(self.t1 - self.t0, 1),
+                "images_per_hour": round(self.per_hour(done, self.t1), 1)}
+
+
+def clock_text(seconds: float) -> str:
+    """H:MM:SS."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def batch_line(counts: dict, total: int, n: int, seconds: float, speed: Throughput) -> str:
+    """One line per batch (for logs: no terminal, so no progress bar): progress, the batch's
+    time, images done per hour and the time left at that rate (images this worker has not seen
+    finished; other workers on the folder may take some)."""
+    seen = counts["done"] + counts["skipped"] + counts["failed"]
+    rate = speed.per_hour(counts["done"])
+    left = clock_text((total - seen) * 3600.0 / rate) if rate > 0 else "?"
+    per_hour = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
+    return (f"[{seen}/{total}] batch of {n} in {seconds:.1f} s; done {counts['done']}, skipped {counts['skipped']}, "
+            f"failed {counts['failed']}; {per_hour} images/h, {left} left")
 
 
 class Interrupts:
