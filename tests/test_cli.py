@@ -161,19 +161,24 @@ def test_no_argument_run(model, tmp_path, monkeypatch, capsys):
 
 
 def test_batch_line_says_images_per_hour_and_time_left():
-    """The batch line's speed is images done per hour since the run began; the time left is the
-    images not yet seen at that rate (none done yet: unknown)."""
+    """The batch line's images per hour are those of the last `window` batches (so a first batch
+    that compiled drops out) and the time left is the images not yet seen at that rate; run.json's
+    figure is the whole run's."""
     now = [100.0]
-    speed = console.Throughput(clock=lambda: now[0])
-    speed.start()
-    counts = {"done": 0, "skipped": 0, "failed": 0}
+    speed = console.Throughput(clock=lambda: now[0], window=2)
+    counts = {"done": 0, "skipped": 0, "failed": 4}
     now[0] = 160.0
-    assert console.batch_line(counts, 30, 2, 60.0, speed).endswith("failed 0; 0 images/h, ? left")
-    counts.update(done=8, skipped=1, failed=1)
-    now[0] = 100.0 + 1800.0
-    line = console.batch_line(counts, 30, 4, 12.34, speed)
-    assert line == "[10/30] batch of 4 in 12.3 s; done 8, skipped 1, failed 1; 16 images/h, 1:15:00 left"
-    assert speed.stop() == 1800.0 and speed.record(8) == {"images_done": 8, "run_seconds": 1800.0, "images_per_hour": 16.0}
+    assert console.batch_line(counts, 30, 4, 60.0, speed.batch(0)).endswith("failed 4; 0 images/h, ? left")
+    now[0] = 100.0
+    speed.start()  # a run: batches end at 900, 1080 and 1260 s
+    for t, done in ((1000.0, 4), (1180.0, 8)):
+        now[0] = t
+        speed.batch(done)
+    now[0] = 1360.0
+    counts.update(done=10, skipped=1, failed=1)
+    line = console.batch_line(counts, 30, 4, 180.0, speed.batch(10))  # 6 images in the window's 360 s
+    assert line == "[12/30] batch of 4 in 180.0 s; done 10, skipped 1, failed 1; 60 images/h, 0:18:00 left"
+    assert speed.stop() == 1260.0 and speed.record(10) == {"images_done": 10, "run_seconds": 1260.0, "images_per_hour": 28.6}
 
 
 @pytest.mark.slow

@@ -193,8 +193,9 @@ class Driver:
             self.finish(it, inv, images[k] if metrics["psnr"] is not None else None, edits, error, metrics, time.time() - edit_seconds)
 
     def _batch_line(self, n: int, seconds: float) -> None:
+        per_hour = self.speed.batch(self.log.counts["done"])
         if self.log.bar is not None and self.log.bar.disable:  # no terminal: one line per batch for the logs
-            print(batch_line(self.log.counts, self.total, n, seconds, self.speed), file=sys.stderr, flush=True)
+            print(batch_line(self.log.counts, self.total, n, seconds, per_hour), file=sys.stderr, flush=True)
 
     # -- the run --------------------------------------------------------------------------------
 
