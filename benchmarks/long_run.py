@@ -21,8 +21,8 @@ executables and a fixed XLA probe's seconds; a thread samples the resident memor
 results.jsonl, the PIE-Bench layout and metrics, the report), with its parts.
 
 Figures per run: the growth of resident memory after the last compiling batch (its peak over the
-later batches minus its value at that batch's end), its slope over the last half of the full
-non-compiling batches (MB per 100 images: the allocator's first steps aside), and the median seconds of the last `--window` full non-compiling
+later batches minus its value at that batch's end), its slope over the last half of those later
+batches (MB per 100 images: the allocator's first steps aside), and the median seconds of the last `--window` full non-compiling
 batches over that of the first `--window` (wall and CPU; and, for the machine's own drift, of a
 fixed XLA probe timed after each batch); the median over the runs.
 """
@@ -274,6 +274,7 @@ def figures(run: dict, batch_size: int, window: int) -> dict:
     after = [x["rss_mb"] for x in b[last + 1 :]]
     base = b[last]["rss_mb"] if last >= 0 else b[0]["rss_mb"]
     steady = [x for x in b if not x["compiles"] and x["images"] == batch_size]
+    later = [x for x in b[last + 1 :] if x["images"] == batch_size]
     w = max(1, min(window, len(steady) // 3))
     ratio = lambda key: (round(_median_of([x[key] for x in steady[-w:]]) / _median_of([x[key] for x in steady[:w]]), 3)
                          if len(steady) >= 2 else None)
@@ -284,7 +285,7 @@ def figures(run: dict, batch_size: int, window: int) -> dict:
         "rss_first_batch_mb": b[0]["rss_mb"], "rss_after_compiles_mb": base, "rss_end_mb": b[-1]["rss_mb"],
         "rss_peak_mb": max([s[1] for s in run["rss_samples"]] + [x["rss_mb"] for x in b]),
         "rss_growth_after_compiles_mb": round(max(after) - base, 1) if after else 0.0,
-        "rss_slope_mb_per_100_images": _slope_per_100([(x["done"], x["rss_mb"]) for x in steady[len(steady) // 2 :]]),
+        "rss_slope_mb_per_100_images": _slope_per_100([(x["done"], x["rss_mb"]) for x in later[len(later) // 2 :]]),
         "window": w, "early_median_s": _median_of([x["seconds"] for x in steady[:w]]),
         "late_median_s": _median_of([x["seconds"] for x in steady[-w:]]), "late_over_early": ratio("seconds"),
         "late_over_early_cpu": ratio("cpu_seconds"), "probe_late_over_early": ratio("probe_s"),
@@ -297,7 +298,7 @@ ROWS = (("images", "images"), ("batches", "batches"), ("compiling batches", "com
         ("live executables at the end", "live_executables_end"), ("RSS after batch 1 (MB)", "rss_first_batch_mb"),
         ("RSS after the last compiling batch (MB)", "rss_after_compiles_mb"), ("RSS at the end (MB)", "rss_end_mb"),
         ("RSS peak (MB)", "rss_peak_mb"), ("**RSS growth after the compiling batches (MB)**", "rss_growth_after_compiles_mb"),
-        ("RSS slope, last half of the full non-compiling batches (MB / 100 images)", "rss_slope_mb_per_100_images"),
+        ("RSS slope, last half of the batches after the last compiling one (MB / 100 images)", "rss_slope_mb_per_100_images"),
         ("median s/batch, first non-compiling", "early_median_s"), ("median s/batch, last non-compiling", "late_median_s"),
         ("**last / first (wall)**", "late_over_early"), ("last / first (CPU seconds)", "late_over_early_cpu"),
         ("a fixed XLA probe after each batch: last / first", "probe_late_over_early"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import signal
-import sys
 import threading
 import time
 from typing import Callable, Iterator
