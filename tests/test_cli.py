@@ -7,6 +7,7 @@ starts. Everything uses a compilation cache in a temporary folder, never ~/.cach
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 import nti_jax
-from nti_jax.run import cli, driver, manifest
+from nti_jax.run import cli, console, driver, manifest
 from nti_jax import records, testing
 from nti_jax.toy import shapes
 
@@ -157,6 +158,44 @@ def test_no_argument_run(model, tmp_path, monkeypatch, capsys):
     # A rerun finds everything finished.
     assert cli.main([]) == 0
     assert [r["status"] for r in rows(out)] == ["skipped"] * len(samples)
+
+
+def test_batch_line_says_images_per_hour_and_time_left():
+    """The batch line's images per hour are those of the last `window` batches (so a first batch
+    that compiled drops out) and the time left is the images not yet seen at that rate; run.json's
+    figure is the whole run's."""
+    now = [100.0]
+    speed = console.Throughput(clock=lambda: now[0], window=2)
+    counts = {"done": 0, "skipped": 0, "failed": 4}
+    now[0] = 160.0
+    assert console.batch_line(counts, 30, 4, 60.0, speed.batch(0)).endswith("failed 4; 0 images/h, ? left")
+    now[0] = 100.0
+    speed.start()  # a run: batches end at 900, 1080 and 1260 s
+    for t, done in ((1000.0, 4), (1180.0, 8)):
+        now[0] = t
+        speed.batch(done)
+    now[0] = 1360.0
+    counts.update(done=10, skipped=1, failed=1)
+    line = console.batch_line(counts, 30, 4, 180.0, speed.batch(10))  # 6 images in the window's 360 s
+    assert line == "[12/30] batch of 4 in 180.0 s; done 10, skipped 1, failed 1; 60 images/h, 0:18:00 left"
+    assert speed.stop() == 1260.0 and speed.record(10) == {"images_done": 10, "run_seconds": 1260.0, "images_per_hour": 28.6}
+
+
+@pytest.mark.slow
+def test_run_logs_its_speed_and_run_json_records_it(single, six, model, tmp_path, capsys):
+    """Without a terminal, each batch's line has the images per hour and the time left; run.json
+    the images per hour of the run (the programs are `single`'s: no compile here)."""
+    out = tmp_path / "out"
+    assert cli.main(["--model", model, "--manifest", str(six / "manifest.jsonl"), "--out", str(out), "--no-edits"] + FAST) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if " batch of " in x]
+    assert len(lines) == 3, lines
+    for k, line in enumerate(lines):
+        pattern = rf"\[{2 * k + 2}/6\] batch of 2 in [0-9.]+ s; done {2 * k + 2}, skipped 0, failed 0; [0-9.]+ images/h, \d+:\d\d:\d\d left"
+        assert re.fullmatch(pattern, line), line
+    assert lines[-1].endswith(" 0:00:00 left")
+    run = json.loads((out / "run.json").read_text())
+    assert run["images_done"] == 6 and 0 < run["run_seconds"] and "finished" in run
+    assert abs(run["images_per_hour"] - 6 * 3600 / run["run_seconds"]) <= 0.03 * run["images_per_hour"]
 
 
 @pytest.mark.slow

@@ -255,14 +255,16 @@ def _pie_items(rows: list[dict]) -> list[Item]:
     return assign_names([Item(index=k, image=r["image"], prompt=r["prompt"], edits=tuple(r["edits"]), name=r["name"]) for k, r in enumerate(rows)])
 
 
-def _finish_run(rows: list[dict], info: Optional[dict], out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None) -> None:
-    """A worker after the merge: run.json's finish time (process 0, which wrote it), the
-    PIE-Bench layout and metrics (`pie_dir`: given to the worker that completes the run, once no
-    image is pending), and OUT/index.html."""
+def _finish_run(rows: list[dict], info: Optional[dict], out: str, pie_dir: Optional[str] = None, pie_rows: Optional[list] = None,
+                speed: Optional[dict] = None) -> None:
+    """A worker after the merge: run.json's finish time and this process's images per hour
+    (`speed`: `Throughput.record`; process 0, which wrote run.json), the PIE-Bench layout and
+    metrics (`pie_dir`: given to the worker that completes the run, once no image is pending),
+    and OUT/index.html."""
     from nti_jax.report.html import write_report
 
     if info is not None:
-        write_json(os.path.join(out, "run.json"), dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+        write_json(os.path.join(out, "run.json"), dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(speed or {})))
     if pie_dir and not any(r.get("status") == "pending" for r in rows):
         from nti_jax.pie.metrics import evaluate
 
@@ -388,7 +390,8 @@ def _run(args, cfg: RunConfig, argv: list[str]) -> int:
     barrier = hosts.FileBarrier(log.out, hosts.FileBarrier.new_token(), pid, nproc, cfg.claim_timeout)
     driver = Driver(cfg, pipe, items, parallel.ShardedInverter(parallel.local_mesh(devices)), log)
     info = _write_run_info(argv, args, log.out, devices, nproc) if pid == 0 else None
-    code = driver.run(barrier, on_done=lambda rows: _finish_run(rows, info, log.out, args.pie_bench if log.completes else None, pie_rows))
+    code = driver.run(barrier, on_done=lambda rows: _finish_run(rows, info, log.out, args.pie_bench if log.completes else None, pie_rows,
+                                                                speed=driver.speed.record(log.counts["done"])))
     if barrier.lost:  # a process died: JAX's shutdown at exit would wait for it, then abort
         hosts.exit_now(code)
     return code

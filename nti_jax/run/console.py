@@ -1,13 +1,14 @@
-"""What a run shows and hears: the step progress bar, the per-batch log line, and SIGINT /
-SIGTERM held back while an image's record is written."""
+"""What a run shows and hears: the step progress bar, the per-batch log line with the images per
+hour and the time left, and SIGINT / SIGTERM held back while an image's record is written."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import signal
-import sys
 import threading
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,13 +41,53 @@ class StepProgress:
             bar.close()
 
 
-def batch_line(counts: dict, total: int, n: int, seconds: float) -> None:
-    """One line per batch on stderr, for logs (no terminal, so no progress bar)."""
-    print(
-        f"[{counts['done'] + counts['skipped'] + counts['failed']}/{total}] batch of {n} in {seconds:.1f} s; "
-        f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}",
-        file=sys.stderr, flush=True,
-    )
+class Throughput:
+    """Images this worker finished per hour: over its last `window` batches (the log line, and
+    the time left at that rate: a compiling batch weighs only while in the window) and over the
+    whole run (run.json). `clock`: seconds, monotonic."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, window: int = 8):
+        self.clock, self.window = clock, window
+        self.start()
+
+    def start(self) -> None:
+        self.t0 = self.t1 = self.clock()
+        self.marks = collections.deque([(self.t0, 0)], maxlen=self.window + 1)  # (time, images done) at batch ends
+
+    def batch(self, done: int) -> float:
+        """Mark a batch's end, `done` images so far; the images per hour over the last `window` batches."""
+        now = self.clock()
+        self.marks.append((now, done))
+        t, before = self.marks[0]
+        return (done - before) * 3600.0 / (now - t) if now > t else 0.0
+
+    def stop(self) -> float:
+        """The run's seconds, now fixed."""
+        self.t1 = self.clock()
+        return self.t1 - self.t0
+
+    def record(self, done: int) -> dict:
+        """What run.json says of the run's speed (after `stop`)."""
+        seconds = self.t1 - self.t0
+        return {"images_done": done, "run_seconds": round(seconds, 1),
+                "images_per_hour": round(done * 3600.0 / seconds, 1) if seconds > 0 else 0.0}
+
+
+def clock_text(seconds: float) -> str:
+    """H:MM:SS."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def batch_line(counts: dict, total: int, n: int, seconds: float, per_hour: float) -> str:
+    """One line per batch (for logs: no terminal, so no progress bar): progress, the batch's
+    time, images done per hour (`Throughput.batch`) and the time left at that rate (the images
+    this worker has not seen finished; other workers on the folder may take some)."""
+    seen = counts["done"] + counts["skipped"] + counts["failed"]
+    left = clock_text((total - seen) * 3600.0 / per_hour) if per_hour > 0 else "?"
+    rate = f"{per_hour:.0f}" if per_hour >= 10 else f"{per_hour:.2g}"
+    return (f"[{seen}/{total}] batch of {n} in {seconds:.1f} s; done {counts['done']}, skipped {counts['skipped']}, "
+            f"failed {counts['failed']}; {rate} images/h, {left} left")
 
 
 class Interrupts:

@@ -29,7 +29,7 @@ from nti_jax.run.hosts import FileBarrier, host_share, kernels
 from nti_jax.loading.pipeline import Pipeline
 from nti_jax.records import damage
 from nti_jax.run.config import RunConfig
-from nti_jax.run.console import Interrupts, StepProgress, batch_line
+from nti_jax.run.console import Interrupts, StepProgress, Throughput, batch_line
 from nti_jax.run.edits import Work, controller, edit_images
 from nti_jax.run.keys import add_reconstruction, image_metrics
 from nti_jax.run.writer import INPUT, INVERSION, RECONSTRUCTION, ImageWriter, plan_record
@@ -43,6 +43,7 @@ class Driver:
         self.per_device = 1
         self.total = 0
         self.interrupts = Interrupts()
+        self.speed = Throughput()  # images per hour: the batch lines, run.json
         self.step_progress = StepProgress() if cfg.step_progress and cfg.settings.method == "null-text" else None
 
     # -- one image ------------------------------------------------------------------------------
@@ -138,10 +139,7 @@ class Driver:
         self.log.record(it, "failed", error)
 
     def _say(self, line: str) -> None:
-        if self.log.bar is not None:
-            self.log.bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr)
+        (print if self.log.bar is None else self.log.bar.write)(line, file=sys.stderr)
 
     # -- a batch --------------------------------------------------------------------------------
 
@@ -176,7 +174,7 @@ class Driver:
             self.finish_call(jobs, call, recon, t_inv / len(batch), retries)
         for it in batch[start:]:
             self.fail(it.item, error)
-        self._batch_line(len(batch), t_inv)
+        self._batch_line(len(batch), time.time() - t0)
 
     def finish_call(self, jobs: list[Work], call: Batch, recon: tuple, inv_seconds: float, retries: int) -> None:
         """The edits of one call's images, then their files and rows (`retries`: the inverter's
@@ -195,8 +193,9 @@ class Driver:
             self.finish(it, inv, images[k] if metrics["psnr"] is not None else None, edits, error, metrics, time.time() - edit_seconds)
 
     def _batch_line(self, n: int, seconds: float) -> None:
+        per_hour = self.speed.batch(self.log.counts["done"])
         if self.log.bar is not None and self.log.bar.disable:  # no terminal: one line per batch for the logs
-            batch_line(self.log.counts, self.total, n, seconds)
+            print(batch_line(self.log.counts, self.total, n, seconds, per_hour), file=sys.stderr, flush=True)
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -272,7 +271,7 @@ class Driver:
         self.per_device = per_device_batch(self.cfg.batch_size, todo, self.inverter.num_devices)
         desc = "images" if log.nproc == 1 else f"images [process {log.pid}/{log.nproc}]"
         log.bar = tqdm(total=len(share), desc=desc, unit="img", dynamic_ncols=True, disable=None)
-        t0 = time.time()
+        self.speed.start()
         interrupted = False
         try:
             with self.interrupts.installed():
@@ -280,7 +279,7 @@ class Driver:
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            elapsed = time.time() - t0
+            elapsed = self.speed.stop()
             log.bar.close()
             log.bar = None
             log.close()
