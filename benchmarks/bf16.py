@@ -5,8 +5,8 @@
     NTI_JAX_FLOAT32=norms python benchmarks/bf16.py --dtypes bfloat16 --reference f32.json --json norms.json
 
 Each image is inverted alone (the CLI's default batch size, 1), reconstructed, and edited once
-with the CLI's default edit settings (Replace 0.8 / 0.4, plain guidance, no blend) to another
-colour; the edit's background PSNR (pixels >= 2 px from the object, against the input) is the
+with the CLI's default edit settings (Replace 0.8 / 0.4, single-branch guidance, no blend;
+`--edit-guidance plain` for the library's) to another colour; the edit's background PSNR (pixels >= 2 px from the object, against the input) is the
 edit's figure. `NTI_JAX_FLOAT32` (see nti_jax/models/precision.py) selects which operation
 families run in float32 under bf16, for a sweep one family at a time. The CPU's model and its
 bf16 flags and `XLA_FLAGS` are recorded: XLA:CPU's bf16 rounding depends on them.
@@ -29,6 +29,7 @@ import nti_jax
 from nti_jax.core.controllers import controller_from_settings
 from nti_jax.io import psnr, to_uint8
 from nti_jax.models import precision
+from nti_jax.run.cli import DEFAULT_EDIT_GUIDANCE
 from nti_jax.toy.train import EVAL_SEED0
 
 from benchmarks.quality import DEFAULT_MODEL, score_edit, spread, swaps
@@ -51,8 +52,9 @@ def cpu() -> dict:
     return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags], "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def run(model: str, dtype: str, n: int, edits: bool) -> dict:
-    """Per image: reconstruction PSNR, Adam steps, and (with `edits`) the colour swap's scores."""
+def run(model: str, dtype: str, n: int, edits: bool, guidance: str = DEFAULT_EDIT_GUIDANCE) -> dict:
+    """Per image: reconstruction PSNR, Adam steps, and (with `edits`) the colour swap's scores
+    with edit-time `guidance` (default: the CLI's)."""
     pipe = nti_jax.load_pipeline(model, dtype=dtype)
     rows, t0 = [], time.time()
     for sw in swaps(range(EVAL_SEED0, EVAL_SEED0 + n)):
@@ -60,12 +62,12 @@ def run(model: str, dtype: str, n: int, edits: bool) -> dict:
         rec = to_uint8(nti_jax.reconstruct(pipe, inv)[0])[0]
         row = {"source": sw["source"], "psnr": psnr(rec, sw["image"]), "adam_steps": int(np.asarray(inv.inner_iterations).sum())}
         if edits:
-            c = controller_from_settings(sw["source"], [sw["target"]], {})
+            c = controller_from_settings(sw["source"], [sw["target"]], {"guidance": guidance})
             scores = score_edit(sw, to_uint8(nti_jax.edit(pipe, inv, [sw["target"]], controller=c)))
             row.update(target=sw["target"], background_psnr=scores["background_psnr"], object_is_target=bool(scores["object_is_target"]))
         rows.append(row)
         print(f"  {dtype}: {len(rows)}/{n} images, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    return {"dtype": dtype, "float32_families": sorted(precision.float32_families()), "rows": rows,
+    return {"dtype": dtype, "float32_families": sorted(precision.float32_families()), "edit_guidance": guidance, "rows": rows,
             "seconds_per_image": (time.time() - t0) / n}
 
 
@@ -134,6 +136,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=50, help="held-out images")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--no-edits", action="store_true", help="reconstruction only")
+    ap.add_argument("--edit-guidance", default=DEFAULT_EDIT_GUIDANCE, help="the swaps' edit-time guidance (default: the CLI's)")
     ap.add_argument("--reference", default=None, help="a float32 run's --json to compare against instead of running it")
     ap.add_argument("--json", default=None)
     ap.add_argument("--eps", action="store_true", help="only the UNet's bf16 error per float32 family (eps_errors)")
@@ -146,7 +149,7 @@ def main(argv=None) -> None:
                 json.dump(res, f, indent=1)
         return
     for dtype in args.dtypes.split(","):
-        res["runs"][dtype] = run(args.model, dtype, args.n, not args.no_edits)
+        res["runs"][dtype] = run(args.model, dtype, args.n, not args.no_edits, args.edit_guidance)
     ref = json.load(open(args.reference))["runs"]["float32"] if args.reference else res["runs"].get("float32")
     if ref is not None and "bfloat16" in res["runs"]:
         res["compare"] = c = compare(ref, res["runs"]["bfloat16"])
