@@ -54,8 +54,11 @@ POINTS = [
     ("f32-b1", "invert", dict(dtype="float32", batch=1), 200),
     ("torch-f32-b1", "torch", dict(), 120),
 ]
-# The dry run's points: one of each kind of code path that the others only parametrise.
-DRY_POINTS = ("bf16-b1", "bf16-b1-warm-compile", "bf16-edit-2", "torch-f32-b1")
+# The dry run's points: one of each kind of code path that the others only parametrise, each on
+# the tiny model of its own kind (DRY_MODELS: SDXL's point takes the tiny SDXL, so its path is
+# tried before a GPU is).
+DRY_POINTS = ("bf16-b1", "bf16-b1-warm-compile", "bf16-edit-2", "sdxl-bf16-b1", "torch-f32-b1")
+DRY_MODELS = {"sdxl": "tiny-xl"}
 
 
 def _emit(path: str, row: dict) -> None:
@@ -244,7 +247,7 @@ def run_point(name: str, kind: str, settings: dict, a) -> dict:
     from nti_jax.run import hosts
 
     hosts.enable_compilation_cache(os.path.join(a.cache, "jax-cache"))
-    model = "tiny" if a.dry_run else settings.get("model", a.model)
+    model = DRY_MODELS.get(settings.get("model"), "tiny") if a.dry_run else settings.get("model", a.model)
     row = dict(point=name, model=model, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                jax=jax.__version__)
     dtype = settings.get("dtype")

@@ -171,6 +171,7 @@ def test_device_bench_dry_run(tmp_path):
     assert first["need_gib"] > first["temporaries_gib"] > 0 and first["top_ops"] and first["profiled_ops_ms"] > 0
     assert rows["bf16-b1-warm-compile"]["compile_s"] < first["compile_s"] / 2  # the cache served it
     assert rows["bf16-edit-2"]["run_s"] > 0 and rows["torch-f32-b1"]["torch_device"] == "cpu"
+    assert rows["sdxl-bf16-b1"]["model"] == "tiny-xl" and rows["sdxl-bf16-b1"]["run_s"] > 0  # SDXL's own path
     assert "| bf16-b1 | bfloat16 | 1 |" in res.stdout and "Top device operations, bf16-b1" in res.stdout
 
 
