@@ -79,6 +79,9 @@ def test_full_run_matches_torch_reference_without_early_stop(pipe, torch_unet, i
     assert np.abs(np.array(inv.null_embeddings[0]) - phi_ref).max() <= 0.1 * moved
     _, z = nti_jax.reconstruct(pipe, inv)
     assert rel(z[0], nhwc(ref["latents"][-1])[0]) <= 1e-3
+    # The trajectory it advanced through (what an edit's source row follows): z_bar after step i.
+    assert rel(inv.latents[0, :20][::-1], np.stack([nhwc(z)[0] for z in ref["latents"]])) <= 1e-3
+    np.testing.assert_array_equal(inv.latents[:, 20], inv.x_T)
 
 
 def test_early_stop_rule_is_exact(pipe, images):
@@ -148,6 +151,8 @@ def test_save_load_round_trip(pipe, images, tmp_path):
     one = back[1]
     assert one.num_images == 1 and one.prompts == ("a white square on a black background",)
     np.testing.assert_array_equal(nti_jax.reconstruct(pipe, one)[1][0], nti_jax.reconstruct(pipe, inv[1])[1][0])
+    inv.replace(latents=None).save(path)  # as a file from before the latents were kept: edits sample the source row
+    assert nti_jax.Inversion.load(path).latents is None
 
 
 def test_second_invert_does_not_recompile_and_progress_reports(pipe, images):

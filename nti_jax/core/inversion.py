@@ -21,7 +21,8 @@ from nti_jax.loading.convert import read_safetensors
 from nti_jax.loading.pipeline import Pipeline
 
 FORMAT_VERSION = "1"
-BATCHED_FIELDS = ("x_T", "pivots", "null_embeddings", "cond_embeddings", "inner_iterations", "final_losses", "nonfinite")
+BATCHED_FIELDS = ("x_T", "pivots", "null_embeddings", "cond_embeddings", "inner_iterations", "final_losses", "nonfinite", "latents")
+OPTIONAL_FIELDS = ("latents",)  # None where the method makes none, and in files written before it
 
 
 @struct.dataclass
@@ -33,7 +34,9 @@ class Inversion:
     the two embeddings are `TextCond`s (token and pooled embeddings, `conditioning`).
     `inner_iterations`/`final_losses` are the null-text optimisation's Adam steps and last loss per
     step (zero for the other methods); `nonfinite` marks steps whose loss or gradient was NaN/inf
-    (optimisation of that step stopped there, keeping the last finite phi).
+    (optimisation of that step stopped there, keeping the last finite phi). `latents[:, k]` is
+    null-text's optimised latent z_bar_k (k = T is x_T), the trajectory its last call of each step
+    took: an edit's source row follows it (`p2p.source_path`); None for the other methods.
     """
 
     x_T: jax.Array  # (B, h, w, C)
@@ -44,6 +47,7 @@ class Inversion:
     inner_iterations: jax.Array  # (B, T) int32
     final_losses: jax.Array  # (B, T) float32
     nonfinite: jax.Array  # (B, T) bool
+    latents: jax.Array | None = None  # (B, T+1, h, w, C) null-text only
     settings: InvertSettings = struct.field(pytree_node=False, default=InvertSettings())
     prompts: tuple = struct.field(pytree_node=False, default=())
     model: str = struct.field(pytree_node=False, default="")
@@ -72,6 +76,8 @@ class Inversion:
         tensors = {}
         for k in BATCHED_FIELDS + ("timesteps",):
             value = getattr(self, k)
+            if value is None:
+                continue
             if isinstance(value, TextCond):  # SDXL: the pooled part beside the tokens
                 tensors[k.replace("embeddings", "pooled")] = np.ascontiguousarray(np.asarray(value.pooled))
                 value = value.tokens
@@ -103,7 +109,9 @@ class Inversion:
             stored = json.loads(meta["settings"])
             settings = InvertSettings.from_dict(dict(stored, method=meta["method"]))
             prompts = tuple(json.loads(meta["prompts"]))
-            arrays = {k: jnp.asarray(np.array(tensors[k])) for k in BATCHED_FIELDS + ("timesteps",)}
+            arrays = {k: jnp.asarray(np.array(tensors[k])) for k in BATCHED_FIELDS + ("timesteps",) if k in tensors or k not in OPTIONAL_FIELDS}
+            if "latents" in arrays and arrays["latents"].shape != arrays["pivots"].shape:
+                raise ValueError(f"latents {arrays['latents'].shape} and pivots {arrays['pivots'].shape} differ in shape")
             for k in ("null_embeddings", "cond_embeddings"):
                 pooled = k.replace("embeddings", "pooled")
                 if pooled in tensors:

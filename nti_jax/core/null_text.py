@@ -53,6 +53,7 @@ class InvertOutputs(NamedTuple):
     inner_iterations: jax.Array  # (B, T) int32
     final_losses: jax.Array  # (B, T) float32
     nonfinite: jax.Array  # (B, T) bool
+    latents: jax.Array | None = None  # (B, T+1, h, w, C) null-text's optimised z_bar_0 .. z_bar_T
 
 
 def ddim_pivots(model: Denoiser, sched: Schedule, z0: jax.Array, cond: Cond) -> jax.Array:
@@ -139,16 +140,18 @@ def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: 
     bad = out.bad | ~jnp.all(jnp.isfinite(z), axis=(1, 2, 3))
     if progress is not None:
         jax.debug.callback(progress, i)
-    return (z, out.phi), (out.phi, out.iters, out.loss, bad)
+    return (z, out.phi), (out.phi, out.iters, out.loss, bad, z)
 
 
 def null_text_optimisation(model: Denoiser, pivots: jax.Array, inputs: InvertInputs, progress: Progress = None, *,
                            remat: str = "none"):
-    """The paper's per-timestep optimisation of phi: (phi (B,T,...), iters, losses, nonfinite), each (B,T,...)."""
+    """The paper's per-timestep optimisation of phi: (phi, iters, losses, nonfinite), each (B,T,...),
+    and the latents it advanced through, (B, T+1, h, w, C) indexed like the pivots."""
     n = inputs.sched.timesteps.shape[0]
     step = partial(null_text_step, model, inputs.sched, pivots, inputs, progress, remat=remat)
     _, outs = jax.lax.scan(step, (pivots[:, n], inputs.null), jnp.arange(n))
-    return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), outs)
+    phi, iters, losses, bad, zs = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), outs)  # zs[:, i]: z_bar_{n-1-i}
+    return phi, iters, losses, bad, jnp.concatenate([zs[:, ::-1], pivots[:, n:]], axis=1)
 
 
 def invert_core(model: Denoiser, inputs: InvertInputs, *, method: str, progress: Progress = None, remat: str = "none") -> InvertOutputs:
@@ -213,6 +216,7 @@ def assemble(pipe: Pipeline, settings: InvertSettings, prompts: Sequence[str], c
         inner_iterations=out.inner_iterations,
         final_losses=out.final_losses,
         nonfinite=out.nonfinite,
+        latents=out.latents,
         settings=settings,
         prompts=tuple(prompts),
         model=pipe.name,

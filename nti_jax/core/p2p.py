@@ -6,7 +6,10 @@ mappers, per-step windows, equalizers) plus static settings, so one jitted sampl
 every prompt batch of the same shape. As in the authors' code (google/prompt-to-prompt,
 ``null_text_w_ptp.ipynb``), edits touch only the conditional half of the CFG batch, the stored
 maps (LocalBlend, `attention_maps`) are the edited ones, and a direct inversion's source row is
-pinned before the blend (PnPInversion). `benchmarks/p2p_reference.py` is the PyTorch oracle.
+pinned before the blend (PnPInversion). A null-text inversion's source row is pinned there too, to
+the optimisation's own latents (`Inversion.latents`): in float32 that is what it samples anyway, in
+bf16 it keeps the row off the batch effect (docs/departures.md). `benchmarks/p2p_reference.py` is
+the PyTorch oracle.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class _Static:
     blend_size: int
     blend_start: int  # first step index at which the blend applies (num_steps if none)
     reweight: bool
-    direct: bool
+    pinned: bool  # the source row follows `EditInputs.path` (direct: the pivots; null-text: its latents)
     substruct: bool = False
     single_branch: bool = False
     prox: str = ""  # "" | "l0" | "l1"
@@ -170,9 +173,10 @@ def _within_limit(pipe: Pipeline, controller: Controller, source: str, targets: 
 
 
 def compile_controller(
-    pipe: Pipeline, controller: Controller, source: str, targets: Sequence[str], num_steps: int, latent: int, direct: bool
+    pipe: Pipeline, controller: Controller, source: str, targets: Sequence[str], num_steps: int, latent: int, pinned: bool
 ) -> tuple[_Static, _Arrays]:
-    """Arrays and static settings of a controller for prompts [source, *targets]."""
+    """Arrays and static settings of a controller for prompts [source, *targets]; `pinned`: the
+    source row follows the inversion's path (`source_path`) instead of sampling itself."""
     tok, L = pipe.tokenizer, pipe.max_tokens
     source, targets = _within_limit(pipe, controller, source, list(targets))
     prompts = [source, *targets]
@@ -196,7 +200,7 @@ def compile_controller(
         blend_size=_cross_sizes(pipe, latent)[0],
         blend_start=int(blend.start * num_steps) if blend is not None else num_steps,
         reweight=isinstance(controller, Reweight),
-        direct=direct,
+        pinned=pinned,
         substruct=blend is not None and blend.substruct_words is not None,
         single_branch=bool(controller.single_branch),
         prox=prox.norm if prox is not None else "",
@@ -290,13 +294,14 @@ class EditInputs(NamedTuple):
     pivots: jax.Array  # (G, T+1, h, w, C)
     guidance: jax.Array  # (G,) float32
     empty: Cond | None = None  # (G, L, D) the unconditional embedding (single-branch target rows)
+    path: jax.Array | None = None  # (G, T+1, h, w, C) the latents a pinned source row follows
 
     @staticmethod
     def specs(axis: str) -> "EditInputs":
         """How `parallel` splits the fields over a mesh: every image's arrays over `axis`."""
         from jax.sharding import PartitionSpec as P
 
-        return EditInputs(P(), P(axis), P(axis), P(axis), P(axis), P(axis), P(axis))
+        return EditInputs(P(), P(axis), P(axis), P(axis), P(axis), P(axis), P(axis), P(axis))
 
 
 class EditSpec(NamedTuple):
@@ -327,9 +332,16 @@ def edit_spec(pipe: Pipeline, inv: Inversion, targets: Sequence[str], *, control
             raise PromptError(f"target prompts must be non-empty captions, got {t!r}")
     controller = controller or auto_controller(source, targets)
     n, latent = inv.timesteps.shape[0], inv.x_T.shape[1]
-    static, arr = compile_controller(pipe, controller, source, targets, n, latent, inv.method == "direct")
+    static, arr = compile_controller(pipe, controller, source, targets, n, latent, source_path(inv) is not None)
     emb, null = pipe.encode_with_null(targets)  # no targets: (0, L, D) and the null
     return EditSpec(static, arr, jax.device_get(emb), jax.device_get(cnd.take(null, 0)), edit)
+
+
+def source_path(inv: Inversion) -> jax.Array | None:
+    """(B, T+1, h, w, C) the latents an edit's source row follows, or None where it samples its
+    own: a direct inversion's pivots (PnPInversion), null-text's optimised latents (the
+    optimisation's own trajectory, so the row reconstructs as the optimisation did in any dtype)."""
+    return inv.pivots if inv.method == "direct" else inv.latents
 
 
 def stack(specs: Sequence[EditSpec]) -> _Arrays:
@@ -346,7 +358,9 @@ def edit_inputs(inv: Inversion, rows: Sequence[int], specs: Sequence[EditSpec], 
     cond = cnd.concat([source, tgt], axis=1)
     empty = jax.tree_util.tree_map(lambda *a: np.stack(a), *[s.empty for s in specs])
     guidance = np.full((len(rows),), inv.settings.guidance_scale, np.float32)
-    return EditInputs(sched, inv.x_T[rows], cond, cnd.take(inv.null_embeddings, rows), inv.pivots[rows], guidance, empty)
+    path = source_path(inv)
+    path = inv.pivots[rows] if path is None else path[rows]  # unread when the rows are not pinned
+    return EditInputs(sched, inv.x_T[rows], cond, cnd.take(inv.null_embeddings, rows), inv.pivots[rows], guidance, empty, path)
 
 
 def _uncond(static: _Static, inputs: EditInputs, k) -> Cond:
@@ -370,7 +384,7 @@ def edit_core(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: _Sta
     arrays (`arr`, leading axis G), all rows in one UNet batch; returns (latents (G, R, h, w, C),
     maps (G, R, s, s, L)). Every image is computed as it would be alone (the controller, the
     blend and ProxEdit's quantile per image)."""
-    sched, x_T, cond, _, pivots, guidance, _ = inputs
+    sched, x_T, cond, _, pivots, guidance, _, path = inputs
     g, rows = cnd.tokens(cond).shape[:2]
     latent, n, s = x_T.shape[1], sched.timesteps.shape[0], static.blend_size
     per_image = lambda f, *args: jax.vmap(f)(arr, *args)
@@ -404,8 +418,8 @@ def edit_core(model: Denoiser, arr: _Arrays, inputs: EditInputs, *, static: _Sta
         else:
             eps, pull = guide(eps_u, eps_c, guidance[:, None, None, None, None]), None
         x = denoise_step(eps, x, a_t, a_prev)
-        if static.direct:  # PnP: the source row takes its offset before the pull and the blend
-            x = x.at[:, 0].set(pivot)
+        if static.pinned:  # PnP and null-text: the source row takes its path before the pull and the blend
+            x = x.at[:, 0].set(path[:, n - 1 - k])
         if pull is not None:
             x = x - pull * (x - pivot[:, None])
         store = store + sum(collected) / len(collected)
