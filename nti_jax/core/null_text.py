@@ -1,14 +1,13 @@
 """The inversion program (Mokady et al. 2023, and its faster relatives): the DDIM pivot (w = 1,
-lax.scan over timesteps) and, for "null-text", the per-timestep optimisation of the unconditional
-embedding (lax.scan over timesteps; inside, a lax.while_loop of optax Adam steps with the paper's
-early stop), as one function of a batch's prepared inputs. Images in a batch are independent:
+lax.scan over timesteps) and, for "null-text", the pivots and the per-timestep optimisation of
+the unconditional embedding as one loop over its UNet forward calls (inside, a lax.while_loop of
+optax Adam steps with the paper's early stop), as one function of a batch's prepared inputs. Images in a batch are independent:
 each keeps its own early stop and its own Adam state, so results equal one-at-a-time runs.
 `parallel.sharded_program` compiles it over a mesh; `prepare_inputs` encodes its inputs.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -91,25 +90,17 @@ def _take_rows(take: jax.Array, new_state, old_state):
     return (adam,) + tuple(rest)
 
 
-def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: InvertInputs, progress: Progress, carry, i,
-                   *, remat: str = "none"):
-    """One timestep i of the paper's optimisation: Adam on phi until the early stop, then advance
-    z_bar with the optimised phi. carry = (z_bar (B,h,w,C), phi (B,L,D) or SDXL's TextCond, whose
-    every leaf is optimised, the pooled embedding too). `remat` (REMAT_MODES)
-    is what the inner-loop gradient recomputes instead of keeping; it does not change results."""
-    z, phi = carry
-    grad_model = with_remat(model, remat)
-    n = sched.timesteps.shape[0]
+def _optimise_step(grad_model: Denoiser, sched: Schedule, i: jax.Array, z: jax.Array, phi: Cond, eps_c: jax.Array,
+                   target: jax.Array, inputs: InvertInputs, run: jax.Array) -> _Inner:
+    """Timestep i's Adam loop on phi until the paper's early stop (none where `run` is false): the
+    loss compares z_bar's guided DDIM step with the pivot `target`, per image."""
     t, a_t, a_prev = sched.timesteps[i], sched.alpha_t[i], sched.alpha_prev[i]
-    target = pivots[:, n - 1 - i]
-    guidance = inputs.guidance
-    eps_c = jax.lax.stop_gradient(model.eps(z, t, a_t, inputs.cond))
     threshold = inputs.early_stop_epsilon + i.astype(jnp.float32) * 2e-5
     opt = optax.adam(1e-2 * (1.0 - i.astype(jnp.float32) / 100.0))
 
     def losses(p):
         eps_u = grad_model.eps(z, t, a_t, p)
-        pred = denoise_step(guide(eps_u, eps_c, guidance), z, a_t, a_prev)
+        pred = denoise_step(guide(eps_u, eps_c, inputs.guidance), z, a_t, a_prev)
         per_image = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
         return per_image.sum(), per_image
 
@@ -133,34 +124,98 @@ def null_text_step(model: Denoiser, sched: Schedule, pivots: jax.Array, inputs: 
         jnp.int32(0), phi, opt.init(phi), jnp.zeros((b,), jnp.float32), jnp.ones((b,), bool), jnp.zeros((b,), bool),
         jnp.zeros((b,), jnp.int32),
     )
-    out = jax.lax.while_loop(lambda c: (c.j < inputs.num_inner_steps) & jnp.any(c.active), body, init)
-    # Advance with the optimised phi: only the unconditional call is new (eps_c is computed above);
-    # `Denoiser.cfg_eps` makes the same two calls, so sampling replays this trajectory.
-    z = denoise_step(guide(model.eps(z, t, a_t, out.phi), eps_c, guidance), z, a_t, a_prev)
-    bad = out.bad | ~jnp.all(jnp.isfinite(z), axis=(1, 2, 3))
-    if progress is not None:
-        jax.debug.callback(progress, i)
-    return (z, out.phi), (out.phi, out.iters, out.loss, bad, z)
+    return jax.lax.while_loop(lambda c: run & (c.j < inputs.num_inner_steps) & jnp.any(c.active), body, init)
 
 
-def null_text_optimisation(model: Denoiser, pivots: jax.Array, inputs: InvertInputs, progress: Progress = None, *,
-                           remat: str = "none"):
-    """The paper's per-timestep optimisation of phi: (phi, iters, losses, nonfinite), each (B,T,...),
-    and the latents it advanced through, (B, T+1, h, w, C) indexed like the pivots."""
-    n = inputs.sched.timesteps.shape[0]
-    step = partial(null_text_step, model, inputs.sched, pivots, inputs, progress, remat=remat)
-    _, outs = jax.lax.scan(step, (pivots[:, n], inputs.null), jnp.arange(n))
-    phi, iters, losses, bad, zs = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), outs)  # zs[:, i]: z_bar_{n-1-i}
-    return phi, iters, losses, bad, jnp.concatenate([zs[:, ::-1], pivots[:, n:]], axis=1)
+class _Slot(NamedTuple):
+    """The carry of `null_text_program`'s loop over its UNet forward calls."""
+
+    z: jax.Array  # (B, h, w, C) the latent the next call reads: a pivot, then z_bar
+    eps_c: jax.Array  # (B, h, w, C) this timestep's conditional prediction
+    phi: Cond  # (B, L, D) phi as optimised so far (after a conditional slot: this timestep's)
+    inner: _Inner  # this timestep's Adam loop, as it ended
+    out: InvertOutputs  # filled as the loop goes: pivots, then phi, iterations, losses, nonfinite, latents (B, T(+1), ...)
+
+
+def null_text_program(model: Denoiser, inputs: InvertInputs, progress: Progress = None, *, remat: str = "none") -> InvertOutputs:
+    """DDIM pivots, then the paper's per-timestep optimisation of phi (Adam until the early stop,
+    then z_bar advances with the optimised phi), as one loop over the program's 3T UNet forward
+    calls: T pivot calls (conditional, w = 1), then per timestep i a conditional call followed by
+    its Adam loop (the gradient's UNet instance; `remat`: what it recomputes instead of keeping)
+    and an unconditional call with the optimised phi. Each slot selects its call's inputs, so the
+    compiled program holds one forward instance where a straight-line program holds three (on a
+    TPU, ~130 MiB of code each at SD 1.5); the calls, their batches and their arithmetic are
+    those of the straight-line program. The conditional prediction is computed once per
+    timestep, before the Adam loop, and reused to advance (docs/departures.md)."""
+    sched, n, z0 = inputs.sched, inputs.sched.timesteps.shape[0], inputs.z0
+    grad_model = with_remat(model, remat)
+    b = z0.shape[0]
+    steps = lambda a, extra=0: jnp.zeros((b, n + extra) + a.shape[1:], a.dtype)  # (B, T(+1), ...) of a row's shape
+
+    def slot(s, c: _Slot) -> _Slot:
+        pivot = s < n  # pivot call s (ascending timesteps); then per timestep i, conditional and final
+        i = jnp.maximum(s - n, 0) // 2
+        final = ~pivot & ((s - n) % 2 == 1)
+        conditional = ~pivot & ~final
+        idx = jnp.where(pivot, n - 1 - s, i)
+        t, a_t, a_prev = sched.timesteps[idx], sched.alpha_t[idx], sched.alpha_prev[idx]
+        context = jax.tree_util.tree_map(lambda p, q: jnp.where(final, p, q), c.phi, inputs.cond)
+        # A pivot latent sits at noise level t - stride: v converts with that level's alpha.
+        e = model.eps(c.z, t, jnp.where(pivot, a_prev, a_t), context)
+        eps_c = jnp.where(conditional, jax.lax.stop_gradient(e), c.eps_c)
+        target = jax.lax.dynamic_index_in_dim(c.out.pivots, n - 1 - i, axis=1, keepdims=False)
+        ran = _optimise_step(grad_model, sched, i, c.z, c.phi, eps_c, target, inputs, conditional)
+        inner = jax.tree_util.tree_map(lambda new, old: jnp.where(conditional, new, old), ran, c.inner)
+        z_pivot = invert_step(e, c.z, a_t, a_prev)
+        z_bar = denoise_step(guide(e, eps_c, inputs.guidance), c.z, a_t, a_prev)
+
+        def put(buf, value, at, when):
+            """`value` (B, ...) into step `at` of `buf` (B, T(+1), ...) where `when` holds."""
+            return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(when, value, jax.lax.dynamic_index_in_dim(buf, at, axis=1, keepdims=False)), at, axis=1)
+
+        bad = inner.bad | ~jnp.all(jnp.isfinite(z_bar), axis=(1, 2, 3))
+        o = c.out
+        out = InvertOutputs(
+            pivots=put(o.pivots, z_pivot, jnp.minimum(s + 1, n), pivot),
+            phi=jax.tree_util.tree_map(lambda buf, v: put(buf, v, i, final), o.phi, inner.phi),
+            inner_iterations=put(o.inner_iterations, inner.iters, i, final),
+            final_losses=put(o.final_losses, inner.loss, i, final),
+            nonfinite=put(o.nonfinite, bad, i, final),
+            latents=put(o.latents, z_bar, n - 1 - i, final),  # z_bar_k, k = n - 1 - i
+        )
+        if progress is not None:
+            jax.lax.cond(final, lambda: jax.debug.callback(progress, i), lambda: None)
+        z = jnp.where(pivot, z_pivot, jnp.where(final, z_bar, c.z))
+        return _Slot(z, eps_c, jax.tree_util.tree_map(lambda p, q: jnp.where(conditional, p, q), inner.phi, c.phi), inner, out)
+
+    zeros = lambda a: jnp.zeros_like(a)
+    phi = inputs.null
+    init = _Slot(
+        z=z0,
+        eps_c=zeros(z0),
+        phi=phi,
+        inner=_Inner(jnp.int32(0), phi, optax.adam(0.0).init(phi), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool),
+                     jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)),
+        out=InvertOutputs(
+            pivots=steps(z0, 1).at[:, 0].set(z0),
+            phi=jax.tree_util.tree_map(steps, phi),
+            inner_iterations=steps(jnp.zeros((b,), jnp.int32)),
+            final_losses=steps(jnp.zeros((b,), jnp.float32)),
+            nonfinite=steps(jnp.zeros((b,), bool)),
+            latents=steps(z0, 1),
+        ),
+    )
+    out = jax.lax.fori_loop(0, 3 * n, slot, init).out
+    return out._replace(latents=out.latents.at[:, n].set(out.pivots[:, n]))
 
 
 def invert_core(model: Denoiser, inputs: InvertInputs, *, method: str, progress: Progress = None, remat: str = "none") -> InvertOutputs:
     """The whole inversion of a batch, unjitted (`parallel.sharded_program` compiles it).
     `remat`: one of REMAT_MODES ("auto" is resolved before, by `plan_program`)."""
+    if method == "null-text":
+        return null_text_program(model, inputs, progress, remat=remat)
     pivots = ddim_pivots(model, inputs.sched, inputs.z0, inputs.cond)
     b, n = inputs.z0.shape[0], inputs.sched.timesteps.shape[0]
-    if method == "null-text":
-        return InvertOutputs(pivots, *null_text_optimisation(model, pivots, inputs, progress, remat=remat))
     source = inputs.cond if method == "negative-prompt" else inputs.null
     phi = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[:, None], (b, n) + a.shape[1:]), source)
     bad = jnp.broadcast_to(~jnp.all(jnp.isfinite(pivots), axis=(2, 3, 4))[:, 1:], (b, n))

@@ -44,7 +44,7 @@ class Denoiser:
 
     def cfg_eps(self, x, t, a_t, cond, uncond, guidance) -> jax.Array:
         """Guided eps from two UNet calls of B rows, conditional then unconditional: the calls that
-        null-text's optimisation makes (`null_text.null_text_step`), so sampling with its phi
+        null-text's optimisation makes (`null_text.null_text_program`), so sampling with its phi
         replays the trajectory it optimised. The original notebook's one call on [uncond; cond]
         is the same in float32 but not in bf16, where a row's result depends on its call's batch
         and guidance amplifies that over the steps (docs/departures.md, "Inversion and sampling")."""
