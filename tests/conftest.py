@@ -87,3 +87,54 @@ HEAVY_FIRST = ("test_memory.py", "test_inversion.py", "test_toy_model.py", "test
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
+# Suite measurement (issue 27): with NTI_SUITE_STATS=DIR, each worker writes DIR/<worker>.json:
+# per test file, its wall seconds, XLA compiles and their seconds, and persistent-cache hits and
+# misses (JAX's monitoring events). `python scripts/suite_stats.py DIR` sums them.
+_STATS_DIR = os.environ.get("NTI_SUITE_STATS")
+_STATS: dict = {}
+_CURRENT = ["<collection>"]
+
+
+def _stat(name: str) -> dict:
+    return _STATS.setdefault(name, {"wall_s": 0.0, "compiles": 0, "compile_s": 0.0, "cache_hits": 0, "cache_misses": 0})
+
+
+def pytest_configure(config):
+    if not _STATS_DIR:
+        return
+    import jax.monitoring as monitoring
+
+    def duration(event: str, secs: float, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            _stat(_CURRENT[0])["compiles"] += 1
+            _stat(_CURRENT[0])["compile_s"] += secs
+
+    def event(name: str, **_):
+        key = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}.get(name)
+        if key:
+            _stat(_CURRENT[0])[key] += 1
+
+    monitoring.register_event_duration_secs_listener(duration)
+    monitoring.register_event_listener(event)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import time
+
+    _CURRENT[0] = item.path.name
+    start = time.time()
+    yield
+    if _STATS_DIR:
+        _stat(item.path.name)["wall_s"] += time.time() - start
+
+
+def pytest_sessionfinish(session):
+    if _STATS_DIR:
+        import json
+
+        os.makedirs(_STATS_DIR, exist_ok=True)
+        with open(os.path.join(_STATS_DIR, f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.json"), "w") as f:
+            json.dump(_STATS, f, indent=1)
