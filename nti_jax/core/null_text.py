@@ -90,10 +90,11 @@ def _take_rows(take: jax.Array, new_state, old_state):
     return (adam,) + tuple(rest)
 
 
-def _optimise_step(grad_model: Denoiser, sched: Schedule, i: jax.Array, z: jax.Array, phi: Cond, eps_c: jax.Array,
-                   target: jax.Array, inputs: InvertInputs, run: jax.Array) -> _Inner:
+def _optimise_step(grad_model: Denoiser, inputs: InvertInputs, i: jax.Array, z: jax.Array, phi: Cond, eps_c: jax.Array,
+                   target: jax.Array, *, run: jax.Array) -> _Inner:
     """Timestep i's Adam loop on phi until the paper's early stop (none where `run` is false): the
     loss compares z_bar's guided DDIM step with the pivot `target`, per image."""
+    sched = inputs.sched
     t, a_t, a_prev = sched.timesteps[i], sched.alpha_t[i], sched.alpha_prev[i]
     threshold = inputs.early_stop_epsilon + i.astype(jnp.float32) * 2e-5
     opt = optax.adam(1e-2 * (1.0 - i.astype(jnp.float32) / 100.0))
@@ -137,6 +138,24 @@ class _Slot(NamedTuple):
     out: InvertOutputs  # filled as the loop goes: pivots, then phi, iterations, losses, nonfinite, latents (B, T(+1), ...)
 
 
+def _first_slot(inputs: InvertInputs) -> _Slot:
+    """The loop's carry before its first call: z = z*_0, phi = the null embedding, outputs empty."""
+    z0, phi, n = inputs.z0, inputs.null, inputs.sched.timesteps.shape[0]
+    b = z0.shape[0]
+    steps = lambda a, extra=0: jnp.zeros((b, n + extra) + a.shape[1:], a.dtype)  # (B, T(+1), ...) of a row's shape
+    inner = _Inner(jnp.int32(0), phi, optax.adam(0.0).init(phi), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool),
+                   jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    out = InvertOutputs(
+        pivots=steps(z0, 1).at[:, 0].set(z0),
+        phi=jax.tree_util.tree_map(steps, phi),
+        inner_iterations=steps(jnp.zeros((b,), jnp.int32)),
+        final_losses=steps(jnp.zeros((b,), jnp.float32)),
+        nonfinite=steps(jnp.zeros((b,), bool)),
+        latents=steps(z0, 1),
+    )
+    return _Slot(z0, jnp.zeros_like(z0), phi, inner, out)
+
+
 def null_text_program(model: Denoiser, inputs: InvertInputs, progress: Progress = None, *, remat: str = "none") -> InvertOutputs:
     """DDIM pivots, then the paper's per-timestep optimisation of phi (Adam until the early stop,
     then z_bar advances with the optimised phi), as one loop over the program's 3T UNet forward
@@ -147,10 +166,8 @@ def null_text_program(model: Denoiser, inputs: InvertInputs, progress: Progress 
     TPU, ~130 MiB of code each at SD 1.5); the calls, their batches and their arithmetic are
     those of the straight-line program. The conditional prediction is computed once per
     timestep, before the Adam loop, and reused to advance (docs/departures.md)."""
-    sched, n, z0 = inputs.sched, inputs.sched.timesteps.shape[0], inputs.z0
+    sched, n = inputs.sched, inputs.sched.timesteps.shape[0]
     grad_model = with_remat(model, remat)
-    b = z0.shape[0]
-    steps = lambda a, extra=0: jnp.zeros((b, n + extra) + a.shape[1:], a.dtype)  # (B, T(+1), ...) of a row's shape
 
     def slot(s, c: _Slot) -> _Slot:
         pivot = s < n  # pivot call s (ascending timesteps); then per timestep i, conditional and final
@@ -164,14 +181,15 @@ def null_text_program(model: Denoiser, inputs: InvertInputs, progress: Progress 
         e = model.eps(c.z, t, jnp.where(pivot, a_prev, a_t), context)
         eps_c = jnp.where(conditional, jax.lax.stop_gradient(e), c.eps_c)
         target = jax.lax.dynamic_index_in_dim(c.out.pivots, n - 1 - i, axis=1, keepdims=False)
-        ran = _optimise_step(grad_model, sched, i, c.z, c.phi, eps_c, target, inputs, conditional)
+        ran = _optimise_step(grad_model, inputs, i, c.z, c.phi, eps_c, target, run=conditional)
         inner = jax.tree_util.tree_map(lambda new, old: jnp.where(conditional, new, old), ran, c.inner)
         z_pivot = invert_step(e, c.z, a_t, a_prev)
         z_bar = denoise_step(guide(e, eps_c, inputs.guidance), c.z, a_t, a_prev)
 
         def put(buf, value, at, when):
             """`value` (B, ...) into step `at` of `buf` (B, T(+1), ...) where `when` holds."""
-            return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(when, value, jax.lax.dynamic_index_in_dim(buf, at, axis=1, keepdims=False)), at, axis=1)
+            old = jax.lax.dynamic_index_in_dim(buf, at, axis=1, keepdims=False)
+            return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(when, value, old), at, axis=1)
 
         bad = inner.bad | ~jnp.all(jnp.isfinite(z_bar), axis=(1, 2, 3))
         o = c.out
@@ -188,24 +206,7 @@ def null_text_program(model: Denoiser, inputs: InvertInputs, progress: Progress 
         z = jnp.where(pivot, z_pivot, jnp.where(final, z_bar, c.z))
         return _Slot(z, eps_c, jax.tree_util.tree_map(lambda p, q: jnp.where(conditional, p, q), inner.phi, c.phi), inner, out)
 
-    zeros = lambda a: jnp.zeros_like(a)
-    phi = inputs.null
-    init = _Slot(
-        z=z0,
-        eps_c=zeros(z0),
-        phi=phi,
-        inner=_Inner(jnp.int32(0), phi, optax.adam(0.0).init(phi), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool),
-                     jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)),
-        out=InvertOutputs(
-            pivots=steps(z0, 1).at[:, 0].set(z0),
-            phi=jax.tree_util.tree_map(steps, phi),
-            inner_iterations=steps(jnp.zeros((b,), jnp.int32)),
-            final_losses=steps(jnp.zeros((b,), jnp.float32)),
-            nonfinite=steps(jnp.zeros((b,), bool)),
-            latents=steps(z0, 1),
-        ),
-    )
-    out = jax.lax.fori_loop(0, 3 * n, slot, init).out
+    out = jax.lax.fori_loop(0, 3 * n, slot, _first_slot(inputs)).out
     return out._replace(latents=out.latents.at[:, n].set(out.pivots[:, n]))
 
 
