@@ -222,6 +222,11 @@ def test_proximal_and_single_branch_null_text(sd1):
     out = check(sd1, "null-text", [SRC, SWAP], ours, theirs, single_branch=True,
                 prox={"prox": "l0", "quantile": 0.75, "recon_lr": 1.0, "recon_t": 400, "dilate_mask": 1})
     partial_mask(out["blend"])
+    # ProxEdit pulls the source row toward the pivots, off the optimisation's latents: the row
+    # samples itself whatever latents the inversion holds (random ones here).
+    held = sd1.inversion("null-text").replace(latents=jnp.asarray(np.random.default_rng(9).standard_normal(sd1.pivots.shape), jnp.float32))
+    z, _ = api.edit_latents(sd1.pipe, held, [SWAP], controller=ours)
+    assert rel(z, out["z"]) <= TOL, rel(z, out["z"])
 
 
 def test_sd2_v_prediction_refine_with_blend(sd2):  # Refine on SD 1.x: the same code, one compile less
