@@ -457,7 +457,7 @@ class JaxImpl:
         program = self.parallel.sharded_program(self.parallel.local_mesh([self.dev]), "null-text", None)
         out = jax.block_until_ready(program(model, inputs))
         seconds = time.perf_counter() - t0
-        pivots, phi, iters, losses, _ = out
+        pivots, phi, iters, losses = out.pivots, out.phi, out.inner_iterations, out.final_losses
         b = self.z0.shape[0]
         res = {"seconds": seconds, "adam_steps": int(np.asarray(iters).sum()) // b, "batch": b}
         if keep:

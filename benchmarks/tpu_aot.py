@@ -139,7 +139,8 @@ def per_image(parts: list, images: int, chip: str) -> dict:
 def loop_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: Callable) -> dict:
     """Reconstruction (two UNet calls of B rows per step, two decodes) or a P2P edit (one call of
     2 x prompts rows per step with its hooks, one decode of the prompts' images): the program's
-    count (its step once) less its decodes is one step."""
+    count less its decodes is one UNet call (XLA counts a loop body once: the step, and in it the
+    guided step's loop of two calls, `Denoiser.cfg_eps`)."""
     lowered, args = reconstruct_lowered(pipe, model, mesh, pt) if pt.program == "reconstruct" else edit_lowered(pipe, model, mesh, pt)
     compiled, fig = memory_figures(lowered, CHIPS[chip].hbm_gib, reserve)
     with jax.set_mesh(mesh):
@@ -148,9 +149,8 @@ def loop_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: Ca
     once = {k: xla_cost(compiled)[k] + corr[k] for k in ("flops", "bytes")}
     decodes, rows = (2, pt.batch) if pt.program == "reconstruct" else (1, pt.batch)
     dec = decode_call(pipe, mesh, rows)
-    step = {k: once[k] - decodes * dec[k] for k in ("flops", "bytes")}
+    per_call = {k: once[k] - decodes * dec[k] for k in ("flops", "bytes")}
     unet_per_step = 2 if pt.program == "reconstruct" else 1
-    per_call = {k: v / unet_per_step for k, v in step.items()}
     return dict(fig, per_call={"unet": per_call, "decode": dec}, calls={"unet": unet_per_step * pt.steps, "decode": decodes},
                 **per_image([(per_call, unet_per_step * pt.steps), (dec, decodes)], 1, chip))
 
