@@ -27,7 +27,8 @@ import pytest
 from PIL import Image
 
 import nti_jax
-from nti_jax.run import cli
+from nti_jax.run import cli, hosts
+from nti_jax import testing
 from nti_jax.report import html as report
 
 SAMPLES = os.path.join(os.path.dirname(nti_jax.__file__), "toy", "samples")
@@ -69,9 +70,11 @@ def out(tmp_path_factory) -> str:
     try:
         # negative-prompt: the same files as null-text at half the compile time (25 s of CPU against 48 s)
         rc = cli.main(["--manifest", str(src / "m.jsonl"), "--out", folder, "--steps", "4", "--method", "negative-prompt", "--cache-dir", "none"])
-    finally:
-        for k, v in before.items():
-            jax.config.update(k, v)
+    finally:  # the CLI closed this process's cache: reopen the run's (a config update alone leaves it closed)
+        on = before["jax_enable_compilation_cache"]
+        hosts.enable_compilation_cache(before["jax_compilation_cache_dir"] if on else None,
+                                       before["jax_persistent_cache_min_compile_time_secs"])
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", before["jax_persistent_cache_min_entry_size_bytes"])
     assert rc == 1  # one image failed
     # Heat maps as the CLI will write them (attention.png, attention-<edit file>), for one image.
     grid = np.zeros((64, 192, 3), np.uint8)  # 3 tokens side by side
@@ -146,6 +149,17 @@ class Parsed(html.parser.HTMLParser):
     def handle_data(self, data):
         if self._texts:
             self._texts[-1].append(data)
+
+
+def test_the_cli_run_leaves_the_run_compilation_cache_open(out):
+    """The fixture's `--cache-dir none` run closes JAX's persistent cache for this process; the
+    files this worker runs next must still find the suite's cache (issue 27: before, they
+    compiled without it)."""
+    import jax.numpy as jnp
+
+    with testing.compile_log() as log:
+        jax.jit(lambda x: x * 3.0 + 0.25)(jnp.ones(5))  # a program no test compiles
+    assert log.compiles >= 1 and log.cache_lookups == log.compiles  # each compile looked in the cache
 
 
 @pytest.mark.slow
