@@ -332,19 +332,20 @@ def edit_spec(pipe: Pipeline, inv: Inversion, targets: Sequence[str], *, control
             raise PromptError(f"target prompts must be non-empty captions, got {t!r}")
     controller = controller or auto_controller(source, targets)
     n, latent = inv.timesteps.shape[0], inv.x_T.shape[1]
-    pinned = source_path(inv) is not None and (inv.method == "direct" or controller.proximal is None)
-    static, arr = compile_controller(pipe, controller, source, targets, n, latent, pinned)
+    static, arr = compile_controller(pipe, controller, source, targets, n, latent, source_path(inv, controller) is not None)
     emb, null = pipe.encode_with_null(targets)  # no targets: (0, L, D) and the null
     return EditSpec(static, arr, jax.device_get(emb), jax.device_get(cnd.take(null, 0)), edit)
 
 
-def source_path(inv: Inversion) -> jax.Array | None:
+def source_path(inv: Inversion, controller: Controller | None = None) -> jax.Array | None:
     """(B, T+1, h, w, C) the latents an edit's source row follows, or None where it samples its
     own: a direct inversion's pivots (PnPInversion), null-text's optimised latents (the
     optimisation's own trajectory, so the row reconstructs as the optimisation did in any dtype).
-    Under ProxEdit's guidance a null-text source row samples: its pull toward the pivots moves the
-    row off those latents, as in the authors' code."""
-    return inv.pivots if inv.method == "direct" else inv.latents
+    Under `controller`'s ProxEdit guidance a null-text source row samples: its pull toward the
+    pivots moves the row off those latents, as in the authors' code."""
+    if inv.method == "direct":
+        return inv.pivots
+    return None if controller is not None and controller.proximal is not None else inv.latents
 
 
 def stack(specs: Sequence[EditSpec]) -> _Arrays:
