@@ -250,23 +250,28 @@ def param_shapes(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextM
 
 
 def init_params(unet: UNet2DConditionModel, vae: AutoencoderKL, text: CLIPTextModel, key, text_2: Optional[CLIPTextModel] = None) -> dict:
-    """Random float32 params for the networks (SDXL: with `text_2`, its second text encoder)."""
+    """Random float32 params for the networks (SDXL: with `text_2`, its second text encoder), as
+    one compiled program (run eagerly, the initialisers compiled some 700 small programs)."""
     uc, vc = unet.config, vae.config
     s, f = uc.sample_size, vc.downscale
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    added = None
-    if uc.addition_embed_type == "text_time":
-        added = (jnp.zeros((1, uc.pooled_dim)), jnp.zeros((1, 6)))
-    params = {
-        "unet": unet.init(
-            k1, jnp.zeros((1, s, s, uc.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 8, uc.cross_attention_dim)), None, added
-        )["params"],
-        "vae": vae.init(k2, jnp.zeros((1, 8 * f, 8 * f, vc.in_channels)))["params"],
-        "text_encoder": text.init(k3, jnp.zeros((1, 8), jnp.int32))["params"],
-    }
-    if text_2 is not None:
-        params["text_encoder_2"] = text_2.init(k4, jnp.zeros((1, 8), jnp.int32))["params"]
-    return params
+
+    def init(key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        added = None
+        if uc.addition_embed_type == "text_time":
+            added = (jnp.zeros((1, uc.pooled_dim)), jnp.zeros((1, 6)))
+        params = {
+            "unet": unet.init(
+                k1, jnp.zeros((1, s, s, uc.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 8, uc.cross_attention_dim)), None, added
+            )["params"],
+            "vae": vae.init(k2, jnp.zeros((1, 8 * f, 8 * f, vc.in_channels)))["params"],
+            "text_encoder": text.init(k3, jnp.zeros((1, 8), jnp.int32))["params"],
+        }
+        if text_2 is not None:
+            params["text_encoder_2"] = text_2.init(k4, jnp.zeros((1, 8), jnp.int32))["params"]
+        return params
+
+    return jax.jit(init)(key)
 
 
 
@@ -318,8 +323,10 @@ def load_pipeline(model: str, *, dtype: str = "float32", allow_pickle: bool = Fa
                          f"a {'StableDiffusionXLPipeline' if family == 'sdxl' else 'Stable Diffusion 1.x/2.x'} folder (SDXL's UNet has \"text_time\")")
     templates = param_shapes(unet, vae, text, text_2)
     stored = lambda k: dtype if k != "vae" else "float32"  # the VAE computes in float32
-    params = {  # each tensor placed as it is converted: a model is never held twice on the host
-        k: from_torch_layout(states.pop(k), templates[k], what=k, place=lambda a, d=stored(k): jnp.asarray(stored_leaf(a, d)))
+    # Each tensor placed as it is converted (a model is never held twice on the host), by a copy:
+    # `jnp.asarray` would compile an identity program per distinct shape.
+    params = {
+        k: from_torch_layout(states.pop(k), templates[k], what=k, place=lambda a, d=stored(k): jax.device_put(stored_leaf(a, d)))
         for k in files
     }
     return Pipeline(unet, vae, text, params, tokenizer, sched, name=model, **extra)
