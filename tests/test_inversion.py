@@ -141,7 +141,8 @@ def test_nan_loss_is_recorded_and_phi_stays_finite(pipe, images):
 
 
 def test_save_load_round_trip(pipe, images, tmp_path):
-    inv = nti_jax.invert(pipe, images[:2], [PROMPT, "a white square on a black background"], num_steps=10)
+    # Three images, as test_batch_equals_one_by_one: the same compiled program.
+    inv = nti_jax.invert(pipe, list(images), [PROMPT, "a white square on a black background", PROMPT], num_steps=10)
     path = str(tmp_path / "inv.safetensors")
     inv.save(path)
     back = nti_jax.Inversion.load(path)
@@ -184,6 +185,13 @@ def test_v_prediction_pivots_match_torch_reference(tmp_path):
 
 
 def test_bad_inputs_are_one_line_errors(pipe, tmp_path):
+    """Each refused before anything is compiled (a bad prompt once cost the planner's compile)."""
+    with testing.compile_log() as log:
+        _refuse_bad_inputs(pipe, tmp_path)
+    assert log.compiles == 0
+
+
+def _refuse_bad_inputs(pipe, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(ImageError, match="cannot read image"):

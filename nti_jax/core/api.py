@@ -15,7 +15,7 @@ import numpy as np
 from nti_jax.loading import conditioning as cnd
 from nti_jax.core.controllers import Controller
 from nti_jax.core.inversion import BATCHED_FIELDS, Inversion
-from nti_jax.core.null_text import Progress
+from nti_jax.core.null_text import Progress, check_source_prompt
 from nti_jax.core.p2p import edit_spec
 from nti_jax.core.parallel import EditJob, EditResult, ShardedInverter, inverter_on, local_mesh
 from nti_jax.core.sampling import Denoiser, model_schedule, sample_core
@@ -76,6 +76,8 @@ def invert(
         prompts = prompts * len(images)
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    for p in prompts:
+        check_source_prompt(p)
     pixels = [load_image(im, pipe.image_size, crop) for im in images]
     batches = library_inverter().invert(pipe, pixels, prompts, settings, progress, remat=remat, max_device_memory=max_device_memory)
     if len(batches) == 1 and batches[0].n == batches[0].inv.num_images:

@@ -19,8 +19,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from nti_jax.errors import DeviceMemoryError, NtiError, PromptError, PromptTruncatedWarning, one_line
+from nti_jax.errors import DeviceMemoryError, NtiError, PromptTruncatedWarning, one_line
 from nti_jax.core.inversion import Inversion
+from nti_jax.core.null_text import check_source_prompt
 from nti_jax.io import load_image
 from nti_jax.run.ledger import Ledger, State
 from nti_jax.run.manifest import Item
@@ -51,8 +52,7 @@ class Driver:
     def prepare(self, it: Item, repaired: Optional[str]) -> Work:
         """Load the image and check the prompts on the host (a failure here costs no device time)."""
         p = it.prompt
-        if not isinstance(p, str) or not p.strip():
-            raise PromptError(f"the source prompt must be a non-empty caption of the image, got {p!r}")
+        check_source_prompt(p)
         job = Work(it, repaired)
         cut = self.pipe.truncation(p)
         if cut is not None:  # recorded in metrics.json and results.jsonl instead of printed
