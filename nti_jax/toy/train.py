@@ -14,6 +14,7 @@ folder's VAE decoder (MSE, encoder frozen, so the latents and the UNet stay vali
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -246,7 +247,7 @@ def train(args) -> None:
     say = _logger(args.workdir)
     unet, vae, text = _modules()
     ckpt = os.path.join(args.workdir, "state.msgpack")
-    init = pl.init_params(unet, vae, text, jax.random.PRNGKey(args.seed))
+    init = functools.cache(lambda: pl.init_params(unet, vae, text, jax.random.PRNGKey(args.seed)))  # a resumed stage 2 needs none
 
     # ---- stage 1: VAE
     vae_sched = _lr_schedule(args.vae_lr, 100, args.vae_steps, 0.05)
@@ -256,7 +257,7 @@ def train(args) -> None:
         state = _warm_start(args.init)
         say(f"warm start from {args.init} (scaling_factor {state['scaling']:.4f})")
     if state is None or state["stage"] == "vae":
-        vae_p = init["vae"] if state is None else state["vae"]
+        vae_p = init()["vae"] if state is None else state["vae"]
         vae_os = vae_opt.init(vae_p)
         vae_os = vae_os if state is None else serialization.from_state_dict(vae_os, state["opt"])
         step0 = 0 if state is None else int(state["step"])
@@ -274,7 +275,7 @@ def train(args) -> None:
                 _save(ckpt, {"stage": "vae", "step": s + 1, "vae": vae_p, "opt": serialization.to_state_dict(vae_os)})
         scaling = latent_scaling(vae, vae_p)
         say(f"vae done; scaling_factor {scaling:.4f}")
-        params = {"unet": init["unet"], "text_encoder": init["text_encoder"]}
+        params = {"unet": init()["unet"], "text_encoder": init()["text_encoder"]}
         state = {"stage": "unet", "step": 0, "vae": vae_p, "scaling": scaling, "params": params, "ema": params, "opt": None}
         _save(ckpt, state)
 
