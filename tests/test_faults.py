@@ -36,6 +36,7 @@ from nti_jax.toy import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "invert.py")
+QUEUE = 12  # images in the kill tests' run
 FAST = ["--steps", "5", "--inner-steps", "3", "--early-stop-eps", "1.0", "--batch-size", "1"]
 CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Warning|Interrupt)\b")
 CAPTION = "a blue square on a purple background"
@@ -54,6 +55,14 @@ def pipe(model):
 def scenes(tmp_path_factory):
     """Four held-out shapes images (64 px, the model's size) for the run-fault tests."""
     return scene_folder(tmp_path_factory.mktemp("scenes"), 4, 2_000_000_300)
+
+
+@pytest.fixture(scope="module")
+def queue(tmp_path_factory):
+    """Twelve held-out shapes images for the kill tests: the eleven after the first keep the run
+    busy for seconds (about 0.45 s each here), so the signal lands mid-run even when the test's
+    polling is slow on a loaded machine (with four images a run once finished first)."""
+    return scene_folder(tmp_path_factory.mktemp("queue"), QUEUE, 2_000_000_300)
 
 
 def scene(k: int) -> np.ndarray:
@@ -571,7 +580,7 @@ def test_damaged_results_are_redone_and_checked(model, scenes, tmp_path, capsys)
 
 
 def run_until_first_image(model, scenes, out, cache_dir, tmp_path) -> subprocess.Popen:
-    """scripts/invert.py on the four scenes, returned once img0's metrics.json exists."""
+    """scripts/invert.py on the queue's images, returned once img0's metrics.json exists."""
     cmd = [sys.executable, SCRIPT, "--model", model, "--image", str(scenes / "img*.png"), "--prompt", "a shape",
            "--out", str(out), "--no-edits"] + FAST
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
@@ -588,37 +597,37 @@ def run_until_first_image(model, scenes, out, cache_dir, tmp_path) -> subprocess
 def rerun_keeps_finished(model, scenes, out, capsys) -> None:
     """A rerun skips every image finished before the kill, untouched, and does the rest."""
     names = done_names(out)
-    assert "img0" in names and len(names) < 4, names  # the kill landed mid-batch
+    assert "img0" in names and len(names) < QUEUE, names  # the kill landed mid-run
     before = finished(out, names)
     argv = ["--model", model, "--image", str(scenes / "img*.png"), "--prompt", "a shape", "--out", str(out), "--no-edits"] + FAST
     assert cli.main(argv) == 0
     assert_clean_stderr(capsys.readouterr().err)
     status = {r["name"]: r["status"] for r in rows(out)}
-    assert status == {f"img{k}": "skipped" if f"img{k}" in names else "done" for k in range(4)}
+    assert status == {f"img{k}": "skipped" if f"img{k}" in names else "done" for k in range(QUEUE)}
     assert finished(out, names) == before
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun(model, scenes, cache_dir, tmp_path, capsys):
+def test_kill_9_then_rerun(model, queue, cache_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    proc = run_until_first_image(model, scenes, out, cache_dir, tmp_path)
+    proc = run_until_first_image(model, queue, out, cache_dir, tmp_path)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    rerun_keeps_finished(model, scenes, out, capsys)
+    rerun_keeps_finished(model, queue, out, capsys)
 
 
 @pytest.mark.slow
-def test_sigterm_then_rerun(model, scenes, cache_dir, tmp_path, capsys):
+def test_sigterm_then_rerun(model, queue, cache_dir, tmp_path, capsys):
     """SIGTERM stops the run as Ctrl-C does: exit 130, results.jsonl with the rest pending."""
     out = tmp_path / "out"
-    proc = run_until_first_image(model, scenes, out, cache_dir, tmp_path)
+    proc = run_until_first_image(model, queue, out, cache_dir, tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 130
     assert_clean_stderr((tmp_path / "stderr").read_text())
     assert "interrupted: " in (tmp_path / "stdout").read_text()
     status = [r["status"] for r in rows(out)]
     assert status[0] == "done" and "pending" in status and set(status) <= {"done", "pending"}, status
-    rerun_keeps_finished(model, scenes, out, capsys)
+    rerun_keeps_finished(model, queue, out, capsys)
 
 
 @contextlib.contextmanager
