@@ -6,10 +6,11 @@ of 128 lanes: head sizes are padded with zeros up to a multiple of 128 (SD 1.5's
 output columns), and key lengths up to a multiple of 128 with the padded keys masked out
 through segment ids (77 text tokens -> 128), as maxdiffusion does. Query lengths must be a
 multiple of 128 already. Neither pad changes a value or a gradient beyond float rounding
-(tests/test_tpu_flash.py checks both against XLA's attention in Pallas' interpret mode).
+(tests/test_tpu_kernels.py checks both against XLA's attention in Pallas' interpret mode).
 
 Memory: nothing of size Lq x Lk exists, forward or backward; the kernel keeps (o, l, m) per
-query. Traffic: each block of `block_q` queries reads all of K and V once (`traffic`).
+query. Traffic: the tiles (`padded`) hold a head's whole K and V where they fit, so K and V are
+read once per head, not once per block of queries (`traffic`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 
 LANES = 128
-# The largest tiles tried along a sequence (each must divide the padded length): 512 queries x
-# 512 keys of up to 256 lanes in float32 is 0.5 MiB per tile, well inside a v5e core's VMEM.
-MAX_BLOCK = 512
+# Tile caps, per kernel, from the TPU compiler (v5e, v4 and v6e compile-only chips, bf16, head
+# size 128, batch 8, SD 1.5's and SDXL's 4096- and 1024-token self-attentions; larger tiles fail
+# with CompileTimeScopedVmemOom). Each tile is the largest multiple of 128 that divides its
+# length and stays within its cap. The forward and the dK/dV pass hold a head's whole K and V
+# (up to KV_MAJOR keys), so each reads K and V once (the forward) or q, dO, l, m and di once (the
+# dK/dV pass), not once per block; the dQ pass reads K and V once per DQ_Q queries.
+FWD_Q = 512  # queries per forward (and dK/dV) block
+KV_MAJOR = 4096  # keys held at once by the forward and the dK/dV pass
+K_INNER = 512  # keys per inner step within them
+DQ_Q = 2048  # queries per dQ block (the dQ pass re-reads K and V once per block)
+DQ_K = 256  # keys per dQ step: its di input is broadcast to this many lanes (float32) in HBM
 
 
 def round_up(n: int, m: int) -> int:
@@ -31,12 +40,11 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def block(length: int) -> int:
-    """The largest of 512, 256, 128 that divides `length` (a multiple of 128)."""
-    for b in (MAX_BLOCK, 256, 128):
-        if length % b == 0:
-            return b
-    raise ValueError(f"length {length} is not a multiple of {LANES}")
+def block(length: int, cap: int) -> int:
+    """The largest multiple of 128 that divides `length` (itself a multiple of 128) and is at most `cap`."""
+    if length % LANES:
+        raise ValueError(f"length {length} is not a multiple of {LANES}")
+    return max(b for b in range(LANES, min(cap, length) + 1, LANES) if length % b == 0)
 
 
 def unsupported(q_shape: tuple, k_shape: tuple) -> Optional[str]:
@@ -48,27 +56,31 @@ def unsupported(q_shape: tuple, k_shape: tuple) -> Optional[str]:
 
 
 class Padded(NamedTuple):
-    """Sizes the kernel sees for one layer."""
+    """Sizes and tiles the kernels see for one layer."""
 
     lq: int
     lk: int  # keys padded to a multiple of 128
     d: int  # head size padded to a multiple of 128
-    block_q: int
-    block_k: int
+    block_q: int  # queries per forward / dK-dV block
+    block_k_major: int  # keys held at once by the forward / dK-dV pass
+    block_k: int  # keys per inner step
+    block_q_dq: int  # queries per dQ block
+    block_k_dq: int  # keys per dQ step
 
 
 def padded(q_shape: tuple, k_shape: tuple) -> Padded:
-    """The kernel's sizes for (B, Lq, heads, d) queries over (B, Lk, heads, d) keys."""
+    """The kernels' sizes and tiles for (B, Lq, heads, d) queries over (B, Lk, heads, d) keys."""
     lq, lk, d = q_shape[1], round_up(k_shape[1], LANES), round_up(q_shape[3], LANES)
-    return Padded(lq, lk, d, block(lq), block(lk))
+    major = block(lk, KV_MAJOR)
+    return Padded(lq, lk, d, block(lq, FWD_Q), major, block(major, K_INNER), block(lq, DQ_Q), block(lk, DQ_K))
 
 
 def block_sizes(p: Padded) -> pallas_flash.BlockSizes:
-    """The kernel's tiles for a layer, forward and backward alike."""
+    """The kernels' tiles for a layer (`padded`)."""
     return pallas_flash.BlockSizes(
-        block_q=p.block_q, block_k_major=p.block_k, block_k=p.block_k, block_b=1,
-        block_q_major_dkv=p.block_q, block_k_major_dkv=p.block_k, block_k_dkv=p.block_k, block_q_dkv=p.block_q,
-        block_k_major_dq=p.block_k, block_k_dq=p.block_k, block_q_dq=p.block_q,
+        block_q=p.block_q, block_k_major=p.block_k_major, block_k=p.block_k, block_b=1,
+        block_q_major_dkv=p.block_q, block_k_major_dkv=p.block_k_major, block_k_dkv=p.block_k, block_q_dkv=p.block_q,
+        block_k_major_dq=p.block_k_dq, block_k_dq=p.block_k_dq, block_q_dq=p.block_q_dq,
     )
 
 
@@ -93,24 +105,37 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
     return jnp.swapaxes(out[..., :d], 1, 2)
 
 
+def _reads(n_outer: int, n_inner: int) -> int:
+    """How often an array whose blocks follow the inner grid axis is read in full over a grid of
+    (n_outer, n_inner) steps: once per outer step, or once if the inner axis has one step (Pallas
+    fetches a block again only when its index changes)."""
+    return 1 if n_inner == 1 else n_outer
+
+
 def traffic(q_shape: tuple, k_shape: tuple, itemsize: int, backward: bool) -> dict:
-    """The kernel's HBM bytes and FLOPs for one call (with `backward`, its forward and backward),
-    counted from its tiling (an estimate: XLA's cost analysis sees a custom call only as far as
-    the kernel declares). Forward: q and o once,
-    K and V once per block of queries. Backward (dK/dV pass over key blocks reading q, o, dO
-    per key block; dQ pass over query blocks reading K, V per query block); both passes recompute
-    the logits from the kept l and m: 4 matmuls in the first, 3 in the second."""
+    """HBM bytes and FLOPs of one flash call, counted from the kernels' grids and block indices
+    (an estimate: XLA's cost analysis sees a custom call only as far as the kernel declares).
+    Forward (grid: query blocks, then key blocks): q read and o written once; K and V read once
+    per query block, or once if the whole of K fits one block. With `backward` the call is the
+    forward saving l and m (float32, 128 lanes) and the two backward kernels, with the XLA glue
+    between them: di = rowsum(o * dO), and l, m, di broadcast to the lanes each kernel reads.
+    dK/dV (grid: key blocks, then query blocks): K, V read and dK, dV written once; q, dO, l, m, di
+    read once per key block (or once). dQ (grid: query blocks, then key blocks): q, dO, l, m and
+    its di (DQ_K lanes) read once, dQ written once; K and V once per query block (or once). Both
+    backward kernels recompute the logits: 4 matmuls in dK/dV, 3 in dQ."""
     b, _, h, _ = q_shape
     p = padded(q_shape, k_shape)
-    qo = b * h * p.lq * p.d * itemsize
-    kv = b * h * p.lk * p.d * itemsize
-    lm = 2 * b * h * p.lq * LANES * 4  # l and m, float32, 128 lanes wide
-    nq, nk = p.lq // p.block_q, p.lk // p.block_k
-    fwd_bytes = 2 * qo + nq * 2 * kv + lm
-    fwd_flops = 4 * b * h * p.lq * p.lk * p.d
+    rows = b * h * p.lq  # query rows over the batch and heads
+    qo, kv, lanes = rows * p.d * itemsize, b * h * p.lk * p.d * itemsize, rows * LANES * 4
+    nq, nk = p.lq // p.block_q, p.lk // p.block_k_major
+    fwd_bytes = 2 * qo + 2 * kv * _reads(nq, nk)
+    fwd_flops = 4 * rows * p.lk * p.d
     if not backward:
         return {"flops": fwd_flops, "bytes": fwd_bytes}
-    dkv = nk * (3 * qo + lm) + 4 * kv  # q, o, dO and l, m per key block; K, V in, dK, dV out
-    dq = nq * 2 * kv + 4 * qo + lm  # K, V per query block; q, dO, di in (di ~ o), dQ out
-    bwd_flops = 14 * b * h * p.lq * p.lk * p.d  # 7 matmuls of 2 * Lq * Lk * d each
-    return {"flops": fwd_flops + bwd_flops, "bytes": fwd_bytes + dkv + dq}
+    lm = 2 * lanes
+    glue = 2 * qo + rows * 4 + 3 * lanes + rows * p.block_k_dq * 4  # di from o and dO; the broadcasts written
+    dkv = 2 * kv + 2 * qo * _reads(nk, nq) + 3 * lanes * _reads(nk, nq) + 2 * kv
+    nq_dq, nk_dq = p.lq // p.block_q_dq, p.lk // p.block_k_dq
+    dq = 2 * qo + lm + rows * p.block_k_dq * 4 + 2 * kv * _reads(nq_dq, nk_dq) + qo
+    bwd_flops = 14 * rows * p.lk * p.d  # 7 matmuls of 2 * Lq * Lk * d each
+    return {"flops": fwd_flops + bwd_flops, "bytes": fwd_bytes + lm + glue + dkv + dq}
