@@ -23,8 +23,8 @@ from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 
 LANES = 128
 # Tile caps, per kernel, from the TPU compiler (v5e, v4 and v6e compile-only chips, bf16, head
-# size 128, batch 8, SD 1.5's and SDXL's 4096- and 1024-token self-attentions; larger tiles fail
-# with CompileTimeScopedVmemOom). Each tile is the largest multiple of 128 that divides its
+# size 128, batch 8, SD 1.5's and SDXL's 4096- and 1024-token self-attentions; on v5e a forward
+# of 1024 queries x 4096 keys, or a dQ of 4096 queries, fails with CompileTimeScopedVmemOom). Each tile is the largest multiple of 128 that divides its
 # length and stays within its cap. The forward and the dK/dV pass hold a head's whole K and V
 # (up to KV_MAJOR keys), so each reads K and V once (the forward) or q, dO, l, m and di once (the
 # dK/dV pass), not once per block; the dQ pass reads K and V once per DQ_Q queries.
