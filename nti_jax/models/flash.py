@@ -24,10 +24,11 @@ from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 LANES = 128
 # Tile caps, per kernel, from the TPU compiler (v5e, v4 and v6e compile-only chips, bf16, head
 # size 128, batch 8, SD 1.5's and SDXL's 4096- and 1024-token self-attentions; on v5e a forward
-# of 1024 queries x 4096 keys, or a dQ of 4096 queries, fails with CompileTimeScopedVmemOom). Each tile is the largest multiple of 128 that divides its
-# length and stays within its cap. The forward and the dK/dV pass hold a head's whole K and V
-# (up to KV_MAJOR keys), so each reads K and V once (the forward) or q, dO, l, m and di once (the
-# dK/dV pass), not once per block; the dQ pass reads K and V once per DQ_Q queries.
+# of 1024 queries x 4096 keys, or a dQ of 4096 queries, fails with CompileTimeScopedVmemOom).
+# Each tile is the largest multiple of 128 that divides its length and stays within its cap.
+# The forward and the dK/dV pass hold a head's whole K and V (up to KV_MAJOR keys), so each
+# reads K and V once (the forward) or q, dO, l, m and di once (the dK/dV pass), not once per
+# block; the dQ pass reads K and V once per DQ_Q queries.
 FWD_Q = 512  # queries per forward (and dK/dV) block
 KV_MAJOR = 4096  # keys held at once by the forward and the dK/dV pass
 K_INNER = 512  # keys per inner step within them
@@ -132,10 +133,11 @@ def traffic(q_shape: tuple, k_shape: tuple, itemsize: int, backward: bool) -> di
     fwd_flops = 4 * rows * p.lk * p.d
     if not backward:
         return {"flops": fwd_flops, "bytes": fwd_bytes}
-    lm = 2 * lanes
-    glue = 2 * qo + rows * 4 + 3 * lanes + rows * p.block_k_dq * 4  # di from o and dO; the broadcasts written
-    dkv = 2 * kv + 2 * qo * _reads(nk, nq) + 3 * lanes * _reads(nk, nq) + 2 * kv
+    lm = 2 * lanes  # l and m, written by the forward
+    di_dq = rows * p.block_k_dq * 4  # the dQ kernel's di, broadcast to its key tile
+    glue = 2 * qo + rows * 4 + 3 * lanes + di_dq  # di from o and dO; the broadcasts written
+    dkv = 4 * kv + (2 * qo + 3 * lanes) * _reads(nk, nq)  # K, V in, dK, dV out; q, dO, l, m, di
     nq_dq, nk_dq = p.lq // p.block_q_dq, p.lk // p.block_k_dq
-    dq = 2 * qo + lm + rows * p.block_k_dq * 4 + 2 * kv * _reads(nq_dq, nk_dq) + qo
+    dq = 3 * qo + lm + di_dq + 2 * kv * _reads(nq_dq, nk_dq)  # q, dO in, dQ out; l, m, di; K, V
     bwd_flops = 14 * rows * p.lk * p.d  # 7 matmuls of 2 * Lq * Lk * d each
     return {"flops": fwd_flops + bwd_flops, "bytes": fwd_bytes + lm + glue + dkv + dq}
