@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,3 +52,25 @@ def test_cutmix_boxes_are_rectangles_on_the_latent_grid_and_pixels_follow():
         expect = np.zeros_like(b)
         expect[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
         np.testing.assert_array_equal(b, expect)  # one filled axis-aligned rectangle
+
+
+def test_host_learning_rate_equals_optaxs_schedule_inside_the_step():
+    """The steps take their rate from the host (`_lr_schedule` called per step: one compile for any
+    run length): AdamW scaled by it after the update gives optax's own scheduled AdamW."""
+    import optax
+
+    sched = train._lr_schedule(1e-2, 2, 6, 0.1)
+    p0 = {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.ones(4)}
+    loss = lambda p, x: jnp.sum((x @ p["kernel"] + p["bias"]) ** 2)
+    x = jnp.linspace(0.5, -0.5, 6).reshape(2, 3)
+    opt = lambda lr: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=1e-2, mask=train._wd_mask))
+    ref_opt, our_opt = opt(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 6, 1e-3)), opt(train._unit)
+    ref_p, ref_s, our_p, our_s = p0, ref_opt.init(p0), p0, our_opt.init(p0)
+    for s in range(6):
+        u, ref_s = ref_opt.update(jax.grad(loss)(ref_p, x), ref_s, ref_p)
+        ref_p = optax.apply_updates(ref_p, u)
+        u, our_s = our_opt.update(jax.grad(loss)(our_p, x), our_s, our_p)
+        our_p = optax.apply_updates(our_p, train._scaled(u, sched(s)))
+    for k in p0:
+        np.testing.assert_allclose(np.asarray(our_p[k]), np.asarray(ref_p[k]), rtol=1e-6, atol=1e-9)
+    assert not np.allclose(np.asarray(our_p["kernel"]), np.asarray(p0["kernel"]))

@@ -52,23 +52,35 @@ def _wd_mask(params):
 
 
 def _lr_schedule(peak: float, warmup: int, steps: int, end_fraction: float):
-    """Linear warm-up then cosine decay to `end_fraction * peak`; short runs shorten the warm-up."""
+    """Linear warm-up then cosine decay to `end_fraction * peak`; short runs shorten the warm-up.
+    The host evaluates it and passes each step its rate, so one compiled step serves runs of any
+    length (a resumed or extended run compiles nothing new)."""
     warmup = min(warmup, steps // 2)
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1), peak * end_fraction)
 
 
+def _unit(count):
+    """The optimisers' learning rate inside a step: 1, scaled by the host's rate after the update
+    (a schedule, so the optimiser state keeps optax's step count)."""
+    return 1.0
+
+
 def _jit_step(loss_fn, opt):
-    """A jitted optimiser step (params, opt_state, uint8 images, *extra) -> (params, opt_state, loss)
-    for `loss_fn(params, images in [-1, 1], *extra)`."""
+    """A jitted optimiser step (params, opt_state, learning rate, uint8 images, *extra) -> (params,
+    opt_state, loss) for `loss_fn(params, images in [-1, 1], *extra)`; `opt`'s rate is `_unit`."""
 
     @jax.jit
-    def step(p, opt_state, images, *extra):
+    def step(p, opt_state, lr, images, *extra):
         x = images.astype(jnp.float32) / 127.5 - 1.0
         loss, g = jax.value_and_grad(loss_fn)(p, x, *extra)
         updates, opt_state = opt.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
+        return optax.apply_updates(p, _scaled(updates, lr)), opt_state, loss
 
     return step
+
+
+def _scaled(updates, lr):
+    return jax.tree_util.tree_map(lambda u: u * lr, updates)
 
 
 def make_vae_step(vae: AutoencoderKL, opt):
@@ -154,10 +166,10 @@ def make_unet_step(unet, vae, text, opt, scaling: float, ema_decay: float, offse
         return jnp.mean((pred - noise) ** 2)
 
     @jax.jit
-    def step(p, ema, opt_state, vae_p, images, ids, key):
+    def step(p, ema, opt_state, lr, vae_p, images, ids, key):
         loss, g = jax.value_and_grad(loss_fn)(p, vae_p, images, ids, key)
         updates, opt_state = opt.update(g, opt_state, p)
-        p = optax.apply_updates(p, updates)
+        p = optax.apply_updates(p, _scaled(updates, lr))
         return p, _ema(ema, p, ema_decay), opt_state, loss
 
     return step
@@ -251,7 +263,7 @@ def train(args) -> None:
 
     # ---- stage 1: VAE
     vae_sched = _lr_schedule(args.vae_lr, 100, args.vae_steps, 0.05)
-    vae_opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(vae_sched))
+    vae_opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_unit))
     state = _load(ckpt) if os.path.exists(ckpt) else None
     if state is None and args.init:
         state = _warm_start(args.init)
@@ -266,7 +278,7 @@ def train(args) -> None:
         for s in range(step0, args.vae_steps):
             seeds = range(s * args.vae_batch, (s + 1) * args.vae_batch)
             imgs, _, _ = render_batch(seeds, toy.IMAGE_SIZE)
-            vae_p, vae_os, loss = vstep(vae_p, vae_os, imgs, jax.random.PRNGKey(s))
+            vae_p, vae_os, loss = vstep(vae_p, vae_os, vae_sched(s), imgs, jax.random.PRNGKey(s))
             losses.append(loss)
             if (s + 1) % 50 == 0:
                 say(f"vae step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {50 / (time.time() - t0):.2f} steps/s")
@@ -294,7 +306,7 @@ def _unet_stage(args, state: dict, ckpt: str, say, modules: dict, stage: str, la
     vae_p, scaling = state["vae"], float(state["scaling"])
     params, ema = state["params"], state["ema"]
     sched = _lr_schedule(args.lr, 200, args.unet_steps, 0.1)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-2, mask=_wd_mask))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(_unit, weight_decay=1e-2, mask=_wd_mask))
     opt_state = opt.init(params)
     if state["opt"] is not None:
         opt_state = serialization.from_state_dict(opt_state, state["opt"])
@@ -313,7 +325,7 @@ def _unet_stage(args, state: dict, ckpt: str, say, modules: dict, stage: str, la
         imgs, _, caps = render_batch(seeds, toy.IMAGE_SIZE)
         dropped = rng.random(len(caps)) < args.dropout
         caps = ["" if d else c for c, d in zip(caps, dropped)]
-        params, ema, opt_state, loss = ustep(params, ema, opt_state, vae_p, imgs, ids_of(caps, dropped), jax.random.PRNGKey(10**7 + s))
+        params, ema, opt_state, loss = ustep(params, ema, opt_state, sched(s), vae_p, imgs, ids_of(caps, dropped), jax.random.PRNGKey(10**7 + s))
         losses.append(loss)
         if (s + 1) % args.log_every == 0:
             say(f"{label} step {s + 1} loss {np.mean(jax.device_get(losses)):.4f} {args.log_every / (time.time() - t0):.2f} steps/s")
@@ -419,7 +431,7 @@ def finetune_decoder(args) -> None:
     enc = {k: v for k, v in pipe.params["vae"].items() if k in ("encoder", "quant_conv")}
     dec = {k: v for k, v in pipe.params["vae"].items() if k not in enc}
     sched = _lr_schedule(args.decoder_lr, 50, args.decoder_steps, 0.05)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_unit))
     opt_state = opt.init(dec)
     ckpt = os.path.join(args.workdir, "decoder.msgpack")
     step0 = 0
@@ -431,7 +443,7 @@ def finetune_decoder(args) -> None:
     t0, losses = time.time(), []
     for s in range(step0, args.decoder_steps):
         seeds = range(DECODER_SEED0 + s * args.vae_batch, DECODER_SEED0 + (s + 1) * args.vae_batch)
-        dec, opt_state, loss = step(dec, opt_state, render_batch(seeds, toy.IMAGE_SIZE)[0], enc, jax.random.PRNGKey(s))
+        dec, opt_state, loss = step(dec, opt_state, sched(s), render_batch(seeds, toy.IMAGE_SIZE)[0], enc, jax.random.PRNGKey(s))
         losses.append(loss)
         if (s + 1) % 50 == 0:
             mse = float(np.mean(jax.device_get(losses))) / 4.0  # images in [-1, 1]: MSE on [0, 1] is a quarter
