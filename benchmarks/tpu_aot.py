@@ -307,14 +307,16 @@ def run_layers(args) -> None:
 
 
 def run_unet(args) -> None:
-    """Per-call figures alone: a UNet forward and its gradient (`--remat`), a JSON line each."""
+    """Per-call figures alone: a UNet forward and its gradient (`--remat`), a JSON line each;
+    with --hlo-dir, each compiled program's HLO (for benchmarks/hlo_bytes.py)."""
     mesh = chip_mesh(args.chip)
     for kind in args.models:
         model = placed(Denoiser.of(memory.abstract_pipeline(kind, "bfloat16")), mesh)
         for batch in args.batches:
             for grad in ("", args.remat):
-                t, c = time.time(), unet_call(model, mesh, batch, grad)
                 call = f"gradient ({grad})" if grad else "forward"
+                hlo = os.path.join(args.hlo_dir, f"{kind}_{'gradient' if grad else 'forward'}_b{batch}.hlo") if args.hlo_dir else ""
+                t, c = time.time(), unet_call(model, mesh, batch, grad, hlo)
                 print(json.dumps(dict(model=kind, batch=batch, call=call, seconds=round(time.time() - t, 1), roofline_ms=1e3 * roofline_s(c, CHIPS[args.chip]), **c)), flush=True)
 
 
@@ -332,6 +334,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="sd15,sdxl", help="(layers, unet) models")
     ap.add_argument("--batches", default="1,8", help="(layers, unet) batches")
     ap.add_argument("--remat", default="none", choices=REMAT_MODES, help="(unet) the gradient's remat mode")
+    ap.add_argument("--hlo-dir", default="", help="(unet) write each compiled program's HLO text here")
     args = ap.parse_args(argv)
     if args.command == "point":
         return run_point(Point(**json.loads(args.point)), args.chip, args.reserve_gib)

@@ -86,3 +86,32 @@ def test_flash_layers_are_counted_from_the_kernels_tiling():
     assert by["flash"]["gbytes"] * 1e9 >= ours["bytes"]
     xla_matmuls = 2 * 1024 * 1024 * 8 * 2  # one (Lq x d) @ (d x Lk) product of 2 heads
     assert 4 * xla_matmuls <= by["xla"]["gflop"] * 1e9 <= 12 * xla_matmuls
+
+
+HLO = """HloModule jit_f, entry_computation_layout={(bf16[8,128]{1,0})->f32[8,128]{1,0}}
+
+%fused (a: bf16[8,128], b: bf16[8,128]) -> f32[8,128] {
+  %a = bf16[8,128]{1,0} parameter(0)
+}
+
+ENTRY %main.9 (p0: bf16[8,128], p1: bf16[4,8,128]) -> f32[8,128] {
+  %p0 = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %p1 = bf16[4,8,128]{2,1,0:T(8,128)(2,1)} parameter(1)
+  %copy-start = (bf16[8,128]{1,0:T(8,128)(2,1)S(1)}, bf16[8,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%p0), cross_program_prefetch_index=0
+  %copy-done = bf16[8,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  %slice-start = ((bf16[4,8,128]{2,1,0:T(8,128)(2,1)}), bf16[1,8,128]{2,1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) slice-start(%p1), slice={[0:1], [0:8], [0:128]}
+  %fusion = f32[8,128]{1,0:T(8,128)} fusion(%copy-done, %p0), kind=kLoop, calls=%fused, metadata={op_name="jit(f)/transpose(jvp(f))/convert_element_type"}
+  ROOT %bitcast = f32[8,128]{1,0:T(8,128)} bitcast(%fusion)
+}
+"""
+
+
+def test_hlo_bytes_counts_hbm_operands_and_prefetches_in_closed_form():
+    """`benchmarks/hlo_bytes.py` on a hand-written TPU HLO: a prefetch counts its source, an async
+    slice the slice it lands in VMEM, a fusion its HBM operand and result but not its VMEM one."""
+    from benchmarks import hlo_bytes
+
+    assert hlo_bytes.arrays("(f32[2,3]{1,0}, bf16[4]{0:S(1)})") == [(24, 0), (8, 1)]
+    got = hlo_bytes.hbm_bytes(HLO)
+    assert got == {("forward", "copy-start", ""): 8 * 128 * 2, ("forward", "slice-start", ""): 8 * 128 * 2,
+                   ("backward", "fusion/kLoop", "convert_element_type"): 8 * 128 * 2 + 8 * 128 * 4}

@@ -106,12 +106,16 @@ def flash_correction(jaxpr, mesh) -> dict:
     return out
 
 
-def costs(fn: Callable, args: tuple, mesh) -> dict:
+def costs(fn: Callable, args: tuple, mesh, hlo_path: str = "") -> dict:
     """FLOPs and bytes of `fn(*args)` compiled for the mesh's chips (a loop body once), flash
-    kernels counted from their tiling."""
+    kernels counted from their tiling. With `hlo_path`, the compiled HLO is written there
+    (`benchmarks/hlo_bytes.py` reads it)."""
     with jax.set_mesh(mesh):
         compiled = jax.jit(fn).lower(*args).compile()
         jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
     xla, corr = xla_cost(compiled), flash_correction(jaxpr, mesh)
     return {"flops": xla["flops"] + corr["flops"], "bytes": xla["bytes"] + corr["bytes"], "flash_calls": corr["flash_calls"]}
 
@@ -121,17 +125,17 @@ def roofline_s(c: dict, chip: Chip) -> float:
     return max(c["flops"] / (chip.tflops * 1e12), c["bytes"] / (chip.hbm_tbs * 1e12))
 
 
-def unet_call(model: Denoiser, mesh, batch: int, grad_remat: str = "") -> dict:
+def unet_call(model: Denoiser, mesh, batch: int, grad_remat: str = "", hlo_path: str = "") -> dict:
     """One UNet call of `batch` rows on one chip of `mesh` (with `grad_remat`: its gradient
-    w.r.t. the conditioning, as the null-text inner loop takes it)."""
+    w.r.t. the conditioning, as the null-text inner loop takes it); `hlo_path` as in `costs`."""
     c = model.module.config
     model = placed(model, mesh)
     x = placed(jax.ShapeDtypeStruct((batch, c.sample_size, c.sample_size, c.in_channels), jnp.float32), mesh)
     cond = placed(cond_spec(model, (batch,)), mesh)
     if not grad_remat:
-        return costs(lambda m, x, c: m(x, jnp.int32(500), c), (model, x, cond), mesh)
+        return costs(lambda m, x, c: m(x, jnp.int32(500), c), (model, x, cond), mesh, hlo_path)
     f = lambda m, x, c: jax.grad(lambda c: jnp.sum(with_remat(m, grad_remat)(x, jnp.int32(500), c)))(c)
-    return costs(f, (model, x, cond), mesh)
+    return costs(f, (model, x, cond), mesh, hlo_path)
 
 
 def null_text_estimate(model: Denoiser, mesh, chip: Chip, rows: int, remat: str, steps: int, inner: int) -> dict:
