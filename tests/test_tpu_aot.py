@@ -115,3 +115,26 @@ def test_hlo_bytes_counts_hbm_operands_and_prefetches_in_closed_form():
     got = hlo_bytes.hbm_bytes(HLO)
     assert got == {("forward", "copy-start", ""): 8 * 128 * 2, ("forward", "slice-start", ""): 8 * 128 * 2,
                    ("backward", "fusion/kLoop", "convert_element_type"): 8 * 128 * 2 + 8 * 128 * 4}
+
+
+_WIDE = """
+import jax, jax.numpy as jnp
+from benchmarks.tpu_aot import chip_mesh
+from nti_jax.core.costs import placed
+from nti_jax.models import flash
+mesh = chip_mesh("v5e")
+args = placed([jax.ShapeDtypeStruct((1, 4096, 1, 512), jnp.float32)] * 3, mesh)
+with jax.set_mesh(mesh):
+    jax.jit(lambda q, k, v: flash.flash_attention(q, k, v, 0.1)).lower(*args).compile()
+print("compiled")
+"""
+
+
+def test_the_vaes_attention_compiles_with_flash_for_a_v5e():
+    """The VAE's mid-block attention at 512 px (4096 tokens, one head of 512 float32 channels),
+    inside every reconstruction and edit program: with the bf16 caps' tiles it ran out of VMEM
+    (CompileTimeScopedVmemOom); the tiles shrink with the row's bytes."""
+    env = dict(os.environ, PYTHONPATH=ROOT, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.pop("JAX_PLATFORMS", None)
+    res = subprocess.run([sys.executable, "-c", _WIDE], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

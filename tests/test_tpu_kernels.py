@@ -70,11 +70,15 @@ def test_flash_tiles_and_traffic_at_full_size():
     one = 8 * 8 * 4096 * 128 * 2  # one (B, heads, L, 128) bf16 array
     assert flash.traffic((8, 4096, 8, 40), (8, 4096, 8, 40), 2, backward=False)["bytes"] == 4 * one
     assert flash.block(9216, 4096) == 3072 and flash.block(1152, 512) == 384
+    # Wider rows take smaller tiles: float32 halves the caps; the VAE's one head of 512 float32
+    # channels (2048 bytes a row, 8 times the caps' rows) divides them by 8, down to 128.
+    assert flash.padded((8, 4096, 8, 40), (8, 4096, 8, 40), 4)[3:] == (256, 2048, 256, 1024, 128)
+    assert flash.padded((1, 4096, 1, 512), (1, 4096, 1, 512), 4)[3:] == (128, 512, 128, 256, 128)
 
 
 def test_flash_pads_to_lanes_and_refuses_ragged_queries():
     p = flash.padded((1, 4096, 8, 160), (1, 77, 8, 160))
-    assert (p.lk, p.d, p.block_q, p.block_k) == (128, 256, 512, 128)
+    assert (p.lk, p.d, p.block_q, p.block_k) == (128, 256, 256, 128)  # 256 lanes of bf16: caps halved
     assert flash.unsupported((1, 256, 8, 40), (1, 77, 8, 40)) is None
     assert "not a multiple of 128" in flash.unsupported((1, 100, 8, 40), (1, 77, 8, 40))
 

@@ -77,7 +77,7 @@ def _isolated(mesh, q: tuple, k: tuple, dtype: str, backward: bool) -> dict:
     from jax.experimental.pallas.ops.tpu import flash_attention as pf
 
     b, h, lq, d = q
-    blocks = flash.block_sizes(flash.padded((b, lq, h, d), (b, k[2], h, d)))
+    blocks = flash.block_sizes(flash.padded((b, lq, h, d), (b, k[2], h, d), jnp.dtype(dtype).itemsize))
     f = lambda q, k, v: pf.flash_attention(q, k, v, sm_scale=0.1, block_sizes=blocks)
     if backward:
         f = jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))

@@ -34,6 +34,11 @@ KV_MAJOR = 4096  # keys held at once by the forward and the dK/dV pass
 K_INNER = 512  # keys per inner step within them
 DQ_Q = 2048  # queries per dQ block (the dQ pass re-reads K and V once per block)
 DQ_K = 256  # keys per dQ step: its di input is broadcast to this many lanes (float32) in HBM
+# The caps hold for rows of 128 bf16 lanes (256 bytes). Wider rows (a padded head of 256 or more
+# lanes, or float32) take tiles as many times smaller, down to 128: the VAE's mid-block attention
+# (one head of 512 float32 channels over 4096 tokens at 512 px) with the caps above fails to
+# compile for v5e with CompileTimeScopedVmemOom.
+CAP_ROW_BYTES = LANES * 2
 
 
 def round_up(n: int, m: int) -> int:
@@ -69,11 +74,15 @@ class Padded(NamedTuple):
     block_k_dq: int  # keys per dQ step
 
 
-def padded(q_shape: tuple, k_shape: tuple) -> Padded:
-    """The kernels' sizes and tiles for (B, Lq, heads, d) queries over (B, Lk, heads, d) keys."""
+def padded(q_shape: tuple, k_shape: tuple, itemsize: int = 2) -> Padded:
+    """The kernels' sizes and tiles for (B, Lq, heads, d) queries over (B, Lk, heads, d) keys of
+    `itemsize` bytes per element: the caps, divided by how many times wider than
+    `CAP_ROW_BYTES` a padded row is."""
     lq, lk, d = q_shape[1], round_up(k_shape[1], LANES), round_up(q_shape[3], LANES)
-    major = block(lk, KV_MAJOR)
-    return Padded(lq, lk, d, block(lq, FWD_Q), major, block(major, K_INNER), block(lq, DQ_Q), block(lk, DQ_K))
+    wide = max(1, d * itemsize // CAP_ROW_BYTES)
+    cap = lambda c: max(LANES, c // wide)
+    major = block(lk, cap(KV_MAJOR))
+    return Padded(lq, lk, d, block(lq, cap(FWD_Q)), major, block(major, cap(K_INNER)), block(lq, cap(DQ_Q)), block(lk, cap(DQ_K)))
 
 
 def block_sizes(p: Padded) -> pallas_flash.BlockSizes:
@@ -94,7 +103,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
         raise ValueError(f"flash attention cannot take this layer: {why}")
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    p = padded(q.shape, k.shape)
+    p = padded(q.shape, k.shape, q.dtype.itemsize)
     heads_first = lambda x, length: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, p.d - d)))
     qp, kp, vp = heads_first(q, lq), heads_first(k, p.lk), heads_first(v, p.lk)
     segments = None
@@ -125,7 +134,7 @@ def traffic(q_shape: tuple, k_shape: tuple, itemsize: int, backward: bool) -> di
     its di (DQ_K lanes) read once, dQ written once; K and V once per query block (or once). Both
     backward kernels recompute the logits: 4 matmuls in dK/dV, 3 in dQ."""
     b, _, h, _ = q_shape
-    p = padded(q_shape, k_shape)
+    p = padded(q_shape, k_shape, itemsize)
     rows = b * h * p.lq  # query rows over the batch and heads
     qo, kv, lanes = rows * p.d * itemsize, b * h * p.lk * p.d * itemsize, rows * LANES * 4
     nq, nk = p.lq // p.block_q, p.lk // p.block_k_major
