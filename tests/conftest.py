@@ -50,17 +50,26 @@ def no_distributed_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """The command-line tests' tiny model folder (`testing.make_mini_sd`), one per module."""
+@pytest.fixture(scope="session")
+def mini_folder(tmp_path_factory):
+    """The suite's tiny SD 1.x folder (`testing.make_mini_sd`, seed 3), built once per worker:
+    compiled programs depend on the model's config, the settings and the shapes, never on the
+    weights, so every file on this folder (library and command line alike) shares its programs
+    through the persistent cache. Files that need another architecture build their own."""
     return testing.make_mini_sd(str(tmp_path_factory.mktemp("mini-sd")))
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny random SD 1.x diffusers folder (seed 3), one per module; modules with another model
-    define their own `folder` / `pipe`."""
-    return testing.make_tiny_sd(str(tmp_path_factory.mktemp("sd1")), "sd1", seed=3)
+def model(mini_folder):
+    """The command-line tests' model folder: the suite's mini folder."""
+    return mini_folder
+
+
+@pytest.fixture(scope="module")
+def folder(mini_folder):
+    """The library tests' model folder: the same mini folder; modules with another model define
+    their own `folder` / `pipe`."""
+    return mini_folder
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,6 @@ pytestmark = pytest.mark.usefixtures("cache_dir", "no_distributed_env")
 
 
 @pytest.fixture(scope="module")
-def pipe(model):
-    return nti_jax.load_pipeline(model)
-
-
-@pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     """Four held-out shapes images (64 px, the model's size) for the run-fault tests."""
     return scene_folder(tmp_path_factory.mktemp("scenes"), 4, 2_000_000_300)

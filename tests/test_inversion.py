@@ -18,6 +18,12 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The oracle tests' tiny SD 1.x (three levels, two layers per block), not the suite's mini model."""
+    return testing.make_tiny_sd(str(tmp_path_factory.mktemp("sd1")), "sd1", seed=3)
+
+
+@pytest.fixture(scope="module")
 def torch_unet(folder):
     from diffusers import UNet2DConditionModel
 

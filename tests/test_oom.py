@@ -63,11 +63,6 @@ def inverter() -> parallel.ShardedInverter:
 
 
 @pytest.fixture(scope="module")
-def pipe(model):
-    return nti_jax.load_pipeline(model)
-
-
-@pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return scene_folder(tmp_path_factory.mktemp("scenes"), 4, 2_000_000_500)
 

@@ -11,20 +11,9 @@ import pytest
 import nti_jax
 from nti_jax.core import inversion, p2p, parallel
 from nti_jax.run import hosts
-from nti_jax import testing
 from nti_jax.testing import rel_err
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
-
-
-UNET_MINI = testing.UNET_MINI
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mini-sd"))
-    testing.save_sd_folder(folder, testing.tiny_unet(UNET_MINI, 3), testing.tiny_vae(seed=3), testing.tiny_text_encoder(seed=3))
-    return nti_jax.load_pipeline(folder)
 
 
 @pytest.fixture(scope="module")

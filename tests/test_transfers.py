@@ -11,16 +11,10 @@ import pytest
 import nti_jax
 from nti_jax.core import p2p, parallel
 from nti_jax.core.inversion import inversion_schedule
-from nti_jax import testing
 
 pytestmark = pytest.mark.slow  # every test here compiles or runs a model (minutes in all)
 
 PROMPT = "a red circle on a blue background"
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return nti_jax.load_pipeline(testing.make_tiny_sd(str(tmp_path_factory.mktemp("sd1")), "sd1", seed=3))
 
 
 @pytest.fixture(scope="module")
