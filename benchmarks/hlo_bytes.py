@@ -67,9 +67,9 @@ def hbm_bytes(hlo: str) -> collections.Counter:
             op = "fusion/" + re.search(r"kind=(\w+)", line).group(1)
         elif op == "custom-call":
             op = "custom-call/" + re.search(r'custom_call_target="([^"]*)"', line).group(1)
-        name = re.search(r'op_name="([^"]*)"', line)
-        name = name.group(1) if name else ""
-        groups[("backward" if "transpose(" in name else "forward", op, name.split("/")[-1])] += moved
+        found = re.search(r'op_name="([^"]*)"', line)
+        op_name = found.group(1) if found else ""
+        groups[("backward" if "transpose(" in op_name else "forward", op, op_name.split("/")[-1])] += moved
     return groups
 
 

@@ -57,7 +57,7 @@ def test_flash_with_several_blocks_per_kernel_equals_xla(monkeypatch):
     walks several blocks along both axes (forward, dK/dV and dQ), and still equals XLA's."""
     for cap in ("FWD_Q", "KV_MAJOR", "K_INNER", "DQ_Q", "DQ_K"):
         monkeypatch.setattr(flash, cap, 128)
-    p = flash.padded((1, 384, 2, 40), (1, 256, 2, 40))
+    p = flash.padded((1, 384, 2, 40), (1, 256, 2, 40), 4)
     assert (p.block_q, p.block_k_major, p.block_k, p.block_q_dq, p.block_k_dq) == (128,) * 5
     _flash_equals_xla(384, 256, 2, 40, jnp.float32, 1e-5)
 
@@ -65,7 +65,7 @@ def test_flash_with_several_blocks_per_kernel_equals_xla(monkeypatch):
 def test_flash_tiles_and_traffic_at_full_size():
     """SD 1.5's 4096-token self-attention (8 x 40, batch 8, bf16): the whole K and V per head in
     the forward and dK/dV tiles, so the forward reads q, K, V and writes o once each."""
-    p = flash.padded((8, 4096, 8, 40), (8, 4096, 8, 40))
+    p = flash.padded((8, 4096, 8, 40), (8, 4096, 8, 40), 2)
     assert (p.d, p.block_q, p.block_k_major, p.block_k, p.block_q_dq, p.block_k_dq) == (128, 512, 4096, 512, 2048, 256)
     one = 8 * 8 * 4096 * 128 * 2  # one (B, heads, L, 128) bf16 array
     assert flash.traffic((8, 4096, 8, 40), (8, 4096, 8, 40), 2, backward=False)["bytes"] == 4 * one
@@ -77,7 +77,7 @@ def test_flash_tiles_and_traffic_at_full_size():
 
 
 def test_flash_pads_to_lanes_and_refuses_ragged_queries():
-    p = flash.padded((1, 4096, 8, 160), (1, 77, 8, 160))
+    p = flash.padded((1, 4096, 8, 160), (1, 77, 8, 160), 2)
     assert (p.lk, p.d, p.block_q, p.block_k) == (128, 256, 256, 128)  # 256 lanes of bf16: caps halved
     assert flash.unsupported((1, 256, 8, 40), (1, 77, 8, 40)) is None
     assert "not a multiple of 128" in flash.unsupported((1, 100, 8, 40), (1, 77, 8, 40))

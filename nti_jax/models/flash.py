@@ -74,7 +74,7 @@ class Padded(NamedTuple):
     block_k_dq: int  # keys per dQ step
 
 
-def padded(q_shape: tuple, k_shape: tuple, itemsize: int = 2) -> Padded:
+def padded(q_shape: tuple, k_shape: tuple, itemsize: int) -> Padded:
     """The kernels' sizes and tiles for (B, Lq, heads, d) queries over (B, Lk, heads, d) keys of
     `itemsize` bytes per element: the caps, divided by how many times wider than
     `CAP_ROW_BYTES` a padded row is."""
