@@ -15,6 +15,7 @@ import pytest
 import nti_jax
 from nti_jax.core import parallel, planning
 from nti_jax.core.null_text import abstract_inputs
+from nti_jax.errors import DeviceMemoryError
 from nti_jax.testing import rel_err
 
 NEED = {"none": 10, "blocks": 6, "full": 4}  # bytes per image of fake programs, over a base of 10
@@ -82,6 +83,33 @@ def test_analyses_are_cached_and_nothing_fitting_runs_the_leanest_with_a_warning
     with pytest.warns(UserWarning, match="no batch size and remat mode fits"):
         choice = planning.choose(("fake",), 4, ("none", "blocks", "full"), FakeLowered, 5)
     assert (choice.rows, choice.remat, choice.fits) == (1, "full", False)
+
+
+class RefusedLowered(FakeLowered):
+    """As FakeLowered, but the compiler refuses programs of more than LIMIT bytes for want of memory,
+    as the TPU's compiler does when the temporaries exceed the chip's HBM."""
+
+    LIMIT = need(4, "blocks")
+
+    def compile(self):
+        compiled = super().compile()
+        if need(self.rows, self.remat) > self.LIMIT:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                                             "HLO temporaries (18.36G) exceeds available HBM (15.75G).")
+        return compiled
+
+
+def test_a_candidate_the_compiler_refuses_for_memory_is_one_that_does_not_fit(fresh):
+    choice = planning.choose(("refused",), 4, ("none", "blocks", "full"), RefusedLowered, 15 * 2**30)
+    assert (choice.rows, choice.remat, choice.fits) == (4, "blocks", True) and choice.need_bytes == need(4, "blocks")
+    assert choice.tried[0] == (4, "none", int(18.36 * 2**30))  # the size the compiler named
+    assert planning.choose(("refused",), 4, ("none",), RefusedLowered, need(2, "none")).rows == 2
+    RefusedLowered.LIMIT = 0
+    try:
+        with pytest.warns(UserWarning, match="no batch size"), pytest.raises(DeviceMemoryError, match="refuses even the leanest"):
+            planning.choose(("none fits",), 2, ("none",), RefusedLowered, 15 * 2**30)
+    finally:
+        RefusedLowered.LIMIT = need(4, "blocks")
 
 
 def test_budget_from_the_flag_or_the_free_memory_read_once(fresh, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -22,9 +23,11 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
+from nti_jax.core import oom
 from nti_jax.core.chips import RESERVE_GIB, chip_of_kind
 from nti_jax.loading.conditioning import Cond
 from nti_jax.core.sampling import Denoiser
+from nti_jax.errors import DeviceMemoryError
 from nti_jax.models.unet import REMAT_MODES
 
 GIB = 2**30
@@ -126,8 +129,7 @@ def choose(key: tuple, batch: int, modes: Sequence[str], lower: Callable[[int, s
     for cand in candidates(batch, modes, estimate, budget):
         k = (key, cand)
         if k not in _ANALYSED:
-            compiled = lower(cand.rows, cand.remat).compile()
-            _ANALYSED[k] = program_bytes(compiled, platform)
+            compiled, _ANALYSED[k] = _analysed(lower, cand, budget, platform)
             if _ANALYSED[k] <= budget:
                 _EXECUTABLES[k] = compiled
         tried.append((cand.rows, cand.remat, _ANALYSED[k]))
@@ -138,8 +140,31 @@ def choose(key: tuple, batch: int, modes: Sequence[str], lower: Callable[[int, s
                   f"image(s) per call with remat {remat!r}, needs {need / GIB:.2f} GiB and runs anyway", stacklevel=2)
     k = (key, Candidate(rows, remat))
     if k not in _EXECUTABLES:
-        _EXECUTABLES[k] = lower(rows, remat).compile()
+        compiled, _ = _analysed(lower, Candidate(rows, remat), budget, platform)
+        if compiled is None:
+            raise DeviceMemoryError(f"out of device memory: the compiler refuses even the leanest program, {rows} image(s) "
+                                    f"per call with remat {remat!r}: it needs {need / GIB:.2f} GiB or more per device")
+        _EXECUTABLES[k] = compiled
     return Choice(rows, remat, need, budget, False, _EXECUTABLES[k], tuple(tried))
+
+
+_NAMED_BYTES = re.compile(r"\((\d+(?:\.\d+)?)([KMGT]?)i?B?\)")  # "(18.36G)" in the TPU's message, read as GiB
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _analysed(lower: Callable[[int, str], Any], cand: Candidate, budget: int, platform: str) -> tuple[Any, int]:
+    """(compiled, bytes needed) of a candidate. A compiler that refuses the program for want of
+    memory (the TPU's, whose temporaries must fit the chip's HBM) gives (None, the first size its
+    message names, at least `budget` + 1): a candidate that does not fit, like one analysed."""
+    try:
+        compiled = lower(cand.rows, cand.remat).compile()
+    except Exception as e:
+        if not oom.is_out_of_memory(e):
+            raise
+        m = _NAMED_BYTES.search(str(e))
+        named = float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
+        return None, max(budget + 1, int(named))
+    return compiled, program_bytes(compiled, platform)
 
 
 def pad_rows(n_real: int, capacity: int) -> list[int]:
