@@ -6,6 +6,8 @@
     python benchmarks/tpu_aot.py --only sd15-invert-b8 --deadline 900 --json points.jsonl
     python benchmarks/tpu_aot.py layers --batches 1,8     # per attention layer: XLA's kernels vs flash
     python benchmarks/tpu_aot.py unet --models sd15 --batches 1,8   # per UNet call only (no program)
+    python benchmarks/tpu_aot.py point '{"name": "slice", "model": "sd15", "program": "invert", "batch": 1,
+        "slice": "v5e:2x4"}'                              # over a slice's chips: memory per chip, collectives
 
 libtpu's compile-only client gives the chip (`jax.experimental.topologies`); nothing runs on a
 TPU. The programs are `core.parallel`'s, lowered over a one-chip mesh with abstract weights
@@ -28,6 +30,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,7 +46,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks import memory  # noqa: E402
-from nti_jax.core import null_text, p2p, parallel  # noqa: E402
+from nti_jax.core import null_text, oom, p2p, parallel  # noqa: E402
 from nti_jax.core.chips import CHIPS  # noqa: E402
 from nti_jax.core.costs import cond_spec, costs, flash_correction, placed, roofline_s, unet_call, xla_cost  # noqa: E402
 from nti_jax.core.sampling import Denoiser  # noqa: E402
@@ -65,6 +68,8 @@ class Point:
     remat: str = "auto"  # "auto": the planner's order (REMAT_MODES), the first that fits
     steps: int = 50
     inner: int = 10
+    slice: str = ""  # (invert) a TPU topology, e.g. "v5e:2x4": the program over its chips, `batch` images each
+    host: int = -1  # with `slice`: only this host's chips, the program one host of the slice runs
 
 
 def required_points(tiny: bool) -> list[Point]:
@@ -82,6 +87,22 @@ def chip_mesh(chip: str) -> jax.sharding.Mesh:
     from jax.experimental import topologies
 
     return parallel.local_mesh(topologies.get_topology_desc(CHIPS[chip].topology, "tpu").devices[:1])
+
+
+def slice_mesh(pt: Point) -> jax.sharding.Mesh:
+    """The mesh of a slice point: every chip of `pt.slice`, or host `pt.host`'s chips only."""
+    from jax.experimental import topologies
+
+    chips = topologies.get_topology_desc(pt.slice, "tpu").devices
+    return parallel.local_mesh([d for d in chips if pt.host < 0 or d.process_index == pt.host])
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
+
+
+def collectives(hlo: str) -> int:
+    """Collective operations (sync or async start) in compiled HLO text."""
+    return sum(len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in COLLECTIVES)
 
 
 def memory_figures(lowered, hbm_gib: float, reserve_gib: float) -> tuple[Any, dict]:
@@ -107,8 +128,8 @@ def decode_call(pipe, mesh, batch: int) -> dict:
 
 
 def invert_inputs(pipe, mesh, pt: Point) -> null_text.InvertInputs:
-    """The sharded null-text program's inputs for `pt.batch` images on the one-chip mesh."""
-    specs = null_text.abstract_inputs(pipe, InvertSettings(num_steps=pt.steps), pt.batch)
+    """The sharded null-text program's inputs for `pt.batch` images per chip of `mesh`."""
+    specs = null_text.abstract_inputs(pipe, InvertSettings(num_steps=pt.steps), pt.batch * mesh.size)
     return null_text.InvertInputs(*[placed(a, mesh, s) for a, s in zip(specs, null_text.InvertInputs.specs(parallel.AXIS))])
 
 
@@ -119,14 +140,33 @@ def invert_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: 
     modes = REMAT_MODES if pt.remat == "auto" else (pt.remat,)
     for mode in modes:
         lowered = parallel.sharded_program(mesh, "null-text", None, mode).lower(model, inputs)
-        _, fig = memory_figures(lowered, hbm, reserve)
+        try:
+            _, fig = memory_figures(lowered, hbm, reserve)
+        except Exception as e:  # the TPU's compiler refuses temporaries beyond the chip's HBM
+            if not oom.is_out_of_memory(e):
+                raise
+            fig = {"fits": False, "refused": str(e).strip().splitlines()[0][:300]}
         emit(dict(fig, remat=mode, partial=True))
         if fig["fits"]:
             break
+    if not fig["fits"]:
+        return dict(fig, remat=mode)
     fwd, grad = unet_call(model, mesh, pt.batch), unet_call(model, mesh, pt.batch, mode)
     calls = {"forward": 3 * pt.steps, "gradient": pt.steps * pt.inner}
     return dict(fig, remat=mode, per_call={"forward": fwd, "gradient": grad}, calls=calls,
                 **per_image([(fwd, calls["forward"]), (grad, calls["gradient"])], pt.batch, chip))
+
+
+def slice_point(pt: Point, pipe, model, mesh, chip: str, reserve: float, emit: Callable) -> dict:
+    """Null-text over a slice's chips (remat `pt.remat`, "auto" read as "none"): each chip's memory,
+    and the collectives and loops in the compiled program (none expected: each chip runs its own
+    images and early stop). Per-call costs are the one-chip point's."""
+    mode = "none" if pt.remat == "auto" else pt.remat
+    lowered = parallel.sharded_program(mesh, "null-text", None, mode).lower(model, invert_inputs(pipe, mesh, pt))
+    compiled, fig = memory_figures(lowered, CHIPS[chip].hbm_gib, reserve)
+    hlo = compiled.as_text()
+    return dict(fig, remat=mode, chips=mesh.size, processes=sorted({d.process_index for d in mesh.devices.flat}),
+                collectives=collectives(hlo), loops=hlo.count(" while("))
 
 
 def per_image(parts: list, images: int, chip: str) -> dict:
@@ -209,10 +249,10 @@ def run_point(pt: Point, chip: str, reserve: float) -> None:
     """One point in this process: a JSON line per compiled candidate ("partial": true), then the
     point's line."""
     emit = lambda row: print(json.dumps(dict(point=pt.name, chip=chip, **row)), flush=True)
-    mesh = chip_mesh(chip)
+    mesh = slice_mesh(pt) if pt.slice else chip_mesh(chip)
     pipe = memory.abstract_pipeline(pt.model, "bfloat16")
     model = placed(Denoiser.of(pipe), mesh)
-    run = invert_point if pt.program == "invert" else loop_point
+    run = slice_point if pt.slice else invert_point if pt.program == "invert" else loop_point
     emit(dict(dataclasses.asdict(pt), reserve_gib=reserve, **run(pt, pipe, model, mesh, chip, reserve, emit)))
 
 

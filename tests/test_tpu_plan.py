@@ -15,15 +15,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = textwrap.dedent("""
-    import contextlib, io, json, os, re
+    import contextlib, io, json, os
     import jax
     from jax.experimental import topologies
     import nti_jax
     from nti_jax.core import parallel, planning
     from nti_jax.core.settings import InvertSettings
     from nti_jax.run import cli
+    from benchmarks.tpu_aot import collectives
 
-    COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
     pipe = nti_jax.load_pipeline(os.path.join(os.path.dirname(nti_jax.__file__), "toy", "model"), dtype="bfloat16")
     settings = InvertSettings(num_steps=3, num_inner_steps=2)
 
@@ -33,7 +33,7 @@ _SCRIPT = textwrap.dedent("""
         return {"rows": choice.rows, "remat": choice.remat, "need": choice.need_bytes, "budget": choice.budget_bytes,
                 "fits": choice.fits, "tried": choice.tried, "code": m.generated_code_size_in_bytes,
                 "analysis": m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes,
-                "collectives": sum(len(re.findall(rf"\\b{op}(-start)?\\(", hlo)) for op in COLLECTIVES),
+                "collectives": collectives(hlo),
                 "loops": hlo.count(" while("), "processes": sorted({d.process_index for d in mesh.devices.flat}),
                 "devices": mesh.size}
 
