@@ -87,7 +87,7 @@ def sdxl_folder(tmp_path_factory):
 # pytest-xdist's two workers, each taking whole files in collection order, finish together:
 # with alphabetical order the four heavy test_t*/test_w* files came last and one worker ran
 # the last 13 minutes alone.
-HEAVY_FIRST = ("test_memory.py", "test_inversion.py", "test_toy_model.py", "test_tpu_aot.py", "test_tpu_plan.py", "test_toy_train.py", "test_workers.py",
+HEAVY_FIRST = ("test_toy_model.py", "test_inversion.py", "test_memory.py", "test_tpu_aot.py", "test_tpu_plan.py", "test_toy_train.py", "test_workers.py",
                "test_p2p.py", "test_bench_inversion.py", "test_transfers.py", "test_p2p_vs_reference.py", "test_parallel.py",
                "test_sdxl.py", "test_notebook.py", "test_cli.py", "test_faults.py", "test_pie_bench.py", "test_run_folder_pie.py",
                "test_tpu_kernels.py", "test_oom.py", "test_one_road.py")

@@ -173,39 +173,3 @@ def test_device_bench_dry_run(tmp_path):
     assert rows["bf16-edit-2"]["run_s"] > 0 and rows["torch-f32-b1"]["torch_device"] == "cpu"
     assert rows["sdxl-bf16-b1"]["model"] == "tiny-xl" and rows["sdxl-bf16-b1"]["run_s"] > 0  # SDXL's own path
     assert "| bf16-b1 | bfloat16 | 1 |" in res.stdout and "Top device operations, bf16-b1" in res.stdout
-
-
-@pytest.mark.slow
-def test_bf16_null_text_reconstructs_within_0p3_db_of_float32():
-    """Issue 31's bf16 quality target, on five held-out toy images in one call: mean PSNR within
-    0.3 dB of float32, and no image more than 1 dB below (a collapse, as the one-call sampler's
-    14.7 dB image was: the sampler must replay the optimisation's own UNet calls). The mean
-    decides because one image's gap moves with any rounding (float32 itself moves by 0.06 dB on
-    image 4 between CPU instruction sets): image 4 lost 0.51 dB in bf16 on an AMD EPYC, and
-    0.29-0.56 dB under XLA_FLAGS=--xla_cpu_max_isa=SSE4_2 whichever operations ran in float32
-    (RESULTS, "bf16 against float32"), where the mean of the five stays below 0.11 dB.
-    A colour swap of each (the CLI's single-branch guidance) keeps its source row on the
-    reconstruction: the edit program's one call on source and target rows would move a sampled
-    bf16 row by the batch effect (27.3 dB from the reconstruction on image 1), so the row
-    follows the optimisation's own latents."""
-    from benchmarks.quality import swaps
-    from nti_jax.core.controllers import controller_from_settings
-    from nti_jax.io import psnr, to_uint8
-    from nti_jax.toy.train import EVAL_SEED0
-
-    scenes = swaps(range(EVAL_SEED0, EVAL_SEED0 + 5))
-    images, captions = [s["image"] for s in scenes], [s["source"] for s in scenes]
-    toy = os.path.join(os.path.dirname(nti_jax.__file__), "toy", "model")
-    scores = {}
-    for dtype in ("float32", "bfloat16"):
-        pipe = nti_jax.load_pipeline(toy, dtype=dtype)
-        inv = nti_jax.invert(pipe, images, captions)
-        assert np.asarray(inv.inner_iterations).sum(axis=1).max() < 50 * 10  # the early stop works
-        rec = to_uint8(nti_jax.reconstruct(pipe, inv)[0])
-        scores[dtype] = np.array([psnr(r, im) for r, im in zip(rec, images)])
-    gap = scores["float32"] - scores["bfloat16"]
-    assert gap.mean() <= 0.3 and gap.max() <= 1.0, scores
-    for i, sc in enumerate(scenes):  # bf16, as left by the loop
-        swap = controller_from_settings(sc["source"], [sc["target"]], {"guidance": "single-branch"})
-        source_row = to_uint8(nti_jax.edit(pipe, inv[i], [sc["target"]], controller=swap))[0]
-        assert np.abs(source_row.astype(int) - rec[i]).max() <= 1, (i, psnr(source_row, rec[i]))
