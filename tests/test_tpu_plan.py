@@ -85,6 +85,21 @@ def test_cli_plan_refuses_an_unknown_target_in_one_line(capsys):
     assert len(err) == 1 and "unknown TPU 'v9x'" in err[0]
 
 
+def test_cli_plan_says_in_one_line_when_nothing_fits(monkeypatch, capsys):
+    """The planner's DeviceMemoryError (the TPU's compiler refused even the leanest candidate,
+    tests/test_planning.py) is one line and exit 1, not a traceback."""
+    from nti_jax.errors import DeviceMemoryError
+    from nti_jax.run import cli, fit
+
+    def refuse(*_, **__):
+        raise DeviceMemoryError("out of device memory: the compiler refuses even the leanest program, 1 image(s) per call")
+
+    monkeypatch.setattr(fit, "plan_target", refuse)
+    assert cli.main(["--plan", "v5e"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nti-invert --plan v5e: out of device memory: the compiler refuses")
+
+
 def test_planner_budgets_a_v5e_chip_by_its_hbm_and_counts_its_code(plans):
     auto = plans["auto"]
     assert auto["budget"] == int((16.0 - 1.0) * 2**30)  # v5e's 16 GiB less the 1 GiB reserve

@@ -25,7 +25,7 @@ from nti_jax.run import hosts
 from nti_jax.pie import bench as pie_bench
 from nti_jax.core.controllers import GUIDANCE
 from nti_jax.run.driver import Driver
-from nti_jax.errors import NtiError, UsageError, one_line
+from nti_jax.errors import DeviceMemoryError, NtiError, UsageError, one_line
 from nti_jax.models.unet import REMAT_MODES
 from nti_jax.run.ledger import Ledger, check_folder, record_checksums
 from nti_jax.run.manifest import PACKAGE_DIR, Item, assign_names, check_items, collect_items
@@ -329,14 +329,19 @@ def _check(args) -> int:
 
 
 def _plan(args, cfg: RunConfig) -> int:
-    """--plan TARGET: the plan's lines on stdout (and its JSON on the last line)."""
+    """--plan TARGET: the plan's lines on stdout (and its JSON on the last line); exit 1, with one
+    line, if the target's compiler refuses even the leanest program."""
     from nti_jax.run import fit
 
     try:
         pipe = load_pipeline(cfg.model, dtype=cfg.dtype)
     except NtiError as e:
         raise UsageError(f"cannot load the model: {e}") from None
-    plan = fit.plan_target(pipe, cfg, args.plan)
+    try:
+        plan = fit.plan_target(pipe, cfg, args.plan)
+    except DeviceMemoryError as e:  # nothing fits the target, not even one image with full remat
+        print(f"nti-invert --plan {args.plan}: {e}", file=sys.stderr)
+        return 1
     print("\n".join(fit.describe(plan)))
     print(json.dumps(plan))
     return 0
