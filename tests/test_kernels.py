@@ -118,3 +118,36 @@ def test_norms_match_torch_and_keep_no_float32_copy_in_bf16(kind):
     jaxpr = jax.make_jaxpr(lambda x: jax.vjp(ours(jnp.bfloat16), x)[1])(xb).jaxpr
     kept = [v.aval for v in jaxpr.outvars if isinstance(v, jax.extend.core.Var) and v not in set(jaxpr.invars)]
     assert kept and not [a for a in kept if a.size >= xb.size and a.dtype == jnp.float32], kept
+
+
+@pytest.mark.parametrize("kind", ["group", "layer"])
+def test_bf16_norms_gradient_matches_torch_autograd(kind):
+    """The float32 normalisation of a bf16 layer has its backward written out (`norms._mixed`):
+    its input, scale and bias gradients against torch's float64 autograd of the same bf16 input
+    and cotangent, dx within one bf16 step, the parameters' gradients to float32 rounding."""
+    c = 32
+    shape = (2, 8, 8, c) if kind == "group" else (2, 77, c)
+    rng = np.random.default_rng(4)
+    xb = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.bfloat16)
+    dyb = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    norm = GroupNorm(4, 1e-6, jnp.bfloat16) if kind == "group" else LayerNorm(1e-5, jnp.bfloat16)
+    scale = jnp.asarray(rng.standard_normal(c), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
+    params = {"params": {"scale": scale, "bias": bias}}
+    _, vjp = jax.vjp(lambda x, p: norm.apply(p, x), xb, params)
+    dx, dp = vjp(dyb)
+    assert dx.dtype == jnp.bfloat16
+
+    xt = torch.tensor(np.asarray(xb, np.float64), requires_grad=True)
+    st = torch.tensor(np.asarray(scale, np.float64), requires_grad=True)
+    bt = torch.tensor(np.asarray(bias, np.float64), requires_grad=True)
+    if kind == "group":
+        y = torch.nn.functional.group_norm(xt.permute(0, 3, 1, 2), 4, st, bt, 1e-6).permute(0, 2, 3, 1)
+    else:
+        y = torch.nn.functional.layer_norm(xt, (c,), st, bt, 1e-5)
+    y.backward(torch.from_numpy(np.asarray(dyb, np.float64)))
+    want = xt.grad.numpy()
+    step = np.abs(want) * 2.0**-7 + 1e-3 * np.abs(want).max()
+    assert np.all(np.abs(np.asarray(dx, np.float64) - want) <= step)
+    assert rel_err(dp["params"]["scale"], st.grad.numpy()) <= 1e-5
+    assert rel_err(dp["params"]["bias"], bt.grad.numpy()) <= 1e-5

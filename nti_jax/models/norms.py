@@ -2,15 +2,20 @@
 
 Flax's norms normalise in float32 and cast at the end, so in bf16 every norm's output and its
 gradient's residuals exist as float32 copies. Here the statistics are float32 (the upcast fuses
-into the reductions), and the normalisation runs in float32 where the dtype policy says so
-(`precision`, family "norms": the default) inside a checkpoint, so a gradient keeps only the
-layer's input in its own dtype; else in the layer's dtype. In float32 the operations are flax's
-own, in flax's order: (x - mean) * (rsqrt(var + eps) * scale) + bias with var = E[x^2] -
-E[x]^2. Parameters are flax's ("scale", "bias", float32), so weights convert unchanged.
+into the reductions), and where the dtype policy says so (`precision`, family "norms": the
+default) a half-precision layer normalises in float32 through `_mixed`, whose gradient is written
+out (`jax.custom_vjp`): it keeps the layer's input in its own dtype and two small statistics, and
+its backward is two passes over the input and the incoming gradient. Autodiff of the same
+forward, on a TPU, split a GroupNorm's channels into (groups, channels / group) layouts and
+materialised float32 copies (`benchmarks/RESULTS.md`, "The norms' backward and unpadded heads"). Without the policy the
+normalisation runs in the layer's dtype. In float32 the operations are flax's own, in flax's order:
+(x - mean) * (rsqrt(var + eps) * scale) + bias with var = E[x^2] - E[x]^2. Parameters are flax's
+("scale", "bias", float32), so weights convert unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import flax.linen as nn
@@ -45,14 +50,68 @@ def _apply(x: jax.Array, axes: tuple, eps: float, scale: jax.Array, bias: jax.Ar
     return (x - mean.astype(dt)) * mul.astype(dt) + bias.astype(dt)
 
 
-def _in_policy(norm, x: jax.Array, scale: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+def _row_sum(v: jax.Array, groups: int | None) -> jax.Array:
+    """v (B, ..., C) summed over each normalisation row, broadcastable to v: over C for a
+    LayerNorm (groups None: (B, ..., 1)); for a GroupNorm over the spatial axes per channel
+    first, then over each group's channels on the small (B, C) sums ((B, 1, ..., 1, C)), so no
+    array of the input's size takes a (groups, channels / group) shape."""
+    if groups is None:
+        return jnp.sum(v, -1, keepdims=True)
+    b, c = v.shape[0], v.shape[-1]
+    per_channel = jnp.sum(v, tuple(range(1, v.ndim - 1)))  # (B, C)
+    per_group = per_channel.reshape(b, groups, c // groups).sum(-1, keepdims=True)  # (B, G, 1)
+    per_group = jnp.broadcast_to(per_group, (b, groups, c // groups))
+    return per_group.reshape((b,) + (1,) * (v.ndim - 2) + (c,))
+
+
+def _row_size(shape: tuple, groups: int | None) -> int:
+    if groups is None:
+        return shape[-1]
+    return math.prod(shape[1:-1]) * (shape[-1] // groups)
+
+
+def _mixed_stats(x: jax.Array, groups: int | None, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    xf = x.astype(jnp.float32)
+    n = _row_size(x.shape, groups)
+    mean = _row_sum(xf, groups) / n
+    var = jnp.maximum(0.0, _row_sum(xf * xf, groups) / n - mean * mean)
+    return xf, mean, jax.lax.rsqrt(var + eps)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _mixed(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int | None, eps: float) -> jax.Array:
+    """x (B, ..., C) in a half dtype, normalised in float32 (per row of C, or per group of
+    channels over the spatial axes), cast back to x's dtype."""
+    return _mixed_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _mixed_fwd(x, scale, bias, groups, eps):
+    xf, mean, rstd = _mixed_stats(x, groups, eps)
+    return ((xf - mean) * (rstd * scale) + bias).astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _mixed_bwd(groups, eps, residuals, dy):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * scale, means over the row."""
+    x, mean, rstd, scale = residuals
+    n = _row_size(x.shape, groups)
+    dyf = dy.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = dyf * scale
+    dx = rstd * (g - _row_sum(g, groups) / n - xhat * (_row_sum(g * xhat, groups) / n))
+    axes = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), jnp.sum(dyf * xhat, axes), jnp.sum(dyf, axes)
+
+
+_mixed.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def _in_policy(norm, groups: int | None, eps: float, x: jax.Array, scale: jax.Array, bias: jax.Array,
+               dtype) -> jax.Array:
     """`norm(x, scale, bias)` in the layer's `dtype`, or in float32 where the dtype policy says
-    (`precision`, "norms"), cast to `dtype`. The float32 form is checkpointed: a gradient keeps
-    `x` as it came (bf16) and recomputes the upcast, so it keeps no float32 copy."""
+    (`precision`, "norms"), through `_mixed`."""
     if compute_dtype("norms", dtype) == dtype:
         return norm(x.astype(dtype), scale, bias)
-    f32 = jax.checkpoint(lambda x, scale, bias: norm(x.astype(jnp.float32), scale, bias).astype(dtype))
-    return f32(x, scale, bias)
+    return _mixed(x.astype(dtype), scale, bias, groups, eps)
 
 
 def _affine(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
@@ -72,7 +131,7 @@ class GroupNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale, bias = _affine(self, x.shape[-1])
         norm = lambda x, scale, bias: normalize(x, self.num_groups, self.epsilon, scale, bias)
-        return _in_policy(norm, x, scale, bias, self.dtype)
+        return _in_policy(norm, self.num_groups, self.epsilon, x, scale, bias, self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -85,4 +144,4 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale, bias = _affine(self, x.shape[-1])
         apply = lambda x, scale, bias: _apply(x, (x.ndim - 1,), self.epsilon, scale, bias)
-        return _in_policy(apply, x, scale, bias, self.dtype)
+        return _in_policy(apply, None, self.epsilon, x, scale, bias, self.dtype)

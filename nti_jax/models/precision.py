@@ -29,9 +29,9 @@ import jax.numpy as jnp
 FAMILIES = ("norms", "residual", "time_embedding")
 # Measured on the toy model (RESULTS, "bf16 against float32"): float32 norms cut the UNet's bf16
 # error in null-text's gradient by 36-44% (in the guided eps by 12%), and compute as torch's and
-# flax's norms do; checkpointed (`norms._in_policy`), they keep fewer gradient residuals than
-# bf16 norms did (SD 1.5, batch 1, remat none: 0.93 GiB against 1.16). The residual stream and
-# the time embedding change the error little and stay in bf16.
+# flax's norms do; with their backward written out (`norms._mixed`), they keep fewer gradient
+# residuals than bf16 norms did (SD 1.5, batch 1, remat none: 0.93 GiB against 1.16). The
+# residual stream and the time embedding change the error little and stay in bf16.
 FLOAT32: frozenset = frozenset({"norms"})
 HALF = (jnp.bfloat16, jnp.float16)
 
