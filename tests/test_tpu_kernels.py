@@ -27,7 +27,7 @@ def _xla(q, k, v, scale):
 @pytest.mark.parametrize(
     "lq, lk, heads, d, dtype, tol",
     [
-        (256, 77, 2, 40, jnp.float32, 1e-5),  # SD 1.5's cross-attention: keys 77 -> 128 masked, d 40 -> 128
+        (256, 77, 2, 40, jnp.float32, 1e-5),  # SD 1.5's cross-attention: keys 77 -> 128 masked, d 40 as it is
         (128, 128, 1, 160, jnp.float32, 1e-5),  # its 1280-channel head size, 160 -> 256
         (256, 256, 2, 64, jnp.bfloat16, 2e-2),  # SDXL's head size in bf16
     ],
@@ -79,6 +79,12 @@ def test_flash_tiles_and_traffic_at_full_size():
 def test_flash_pads_to_lanes_and_refuses_ragged_queries():
     p = flash.padded((1, 4096, 8, 160), (1, 77, 8, 160), 2)
     assert (p.lk, p.d, p.block_q, p.block_k) == (128, 256, 256, 128)  # 256 lanes of bf16: caps halved
+    # The kernel takes heads of at most 128 as they are (their rows fill 128 lanes anyway); only
+    # larger ones are padded with zero columns.
+    for d, width in ((40, 40), (80, 80), (128, 128), (160, 256)):
+        q = jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)
+        text = str(jax.make_jaxpr(lambda q: flash.flash_attention(q, q, q, 0.1))(q))
+        assert f"bf16[1,2,256,{width}] = pallas_call[" in text, d
     assert flash.unsupported((1, 256, 8, 40), (1, 77, 8, 40)) is None
     assert "not a multiple of 128" in flash.unsupported((1, 100, 8, 40), (1, 77, 8, 40))
 

@@ -1,9 +1,11 @@
 """Pallas flash attention on a TPU, for the shapes it takes (JAX's TPU kernel, with its backward).
 
 JAX's kernel (`jax.experimental.pallas.ops.tpu.flash_attention`) works on (B, heads, L, d) tiles
-of 128 lanes: head sizes are padded with zeros up to a multiple of 128 (SD 1.5's 40 and 80 to
-128, its 160 to 256, SDXL's 64 to 128; zero columns change neither the logits nor the kept
-output columns), and key lengths up to a multiple of 128 with the padded keys masked out
+of 128 lanes. It takes head sizes of at most 128 as they are (SD 1.5's 40 and 80, SDXL's 64: a
+TPU array's rows occupy 128 lanes whatever their size, in HBM as in VMEM, so padding them with
+zeros first only added a copy of q, k and v per call); larger ones are padded with zeros up to a
+multiple of 128 (SD 1.5's 160 to 256; zero columns change neither the logits nor the kept
+output columns). Key lengths are padded up to a multiple of 128 with the padded keys masked out
 through segment ids (77 text tokens -> 128), as maxdiffusion does. Query lengths must be a
 multiple of 128 already. Neither pad changes a value or a gradient beyond float rounding
 (tests/test_tpu_kernels.py checks both against XLA's attention in Pallas' interpret mode).
@@ -66,7 +68,7 @@ class Padded(NamedTuple):
 
     lq: int
     lk: int  # keys padded to a multiple of 128
-    d: int  # head size padded to a multiple of 128
+    d: int  # the lanes a head's row occupies: its size rounded up to a multiple of 128
     block_q: int  # queries per forward / dK-dV block
     block_k_major: int  # keys held at once by the forward / dK-dV pass
     block_k: int  # keys per inner step
@@ -104,7 +106,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
     b, lq, h, d = q.shape
     lk = k.shape[1]
     p = padded(q.shape, k.shape, q.dtype.itemsize)
-    heads_first = lambda x, length: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, p.d - d)))
+    width = d if d <= LANES else p.d
+    heads_first = lambda x, length: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, width - d)))
     qp, kp, vp = heads_first(q, lq), heads_first(k, p.lk), heads_first(v, p.lk)
     segments = None
     if p.lk != lk:  # the padded keys are another segment than every query
