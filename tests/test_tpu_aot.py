@@ -100,7 +100,7 @@ ENTRY %main.9 (p0: bf16[8,128], p1: bf16[4,8,128]) -> f32[8,128] {
   %copy-start = (bf16[8,128]{1,0:T(8,128)(2,1)S(1)}, bf16[8,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%p0), cross_program_prefetch_index=0
   %copy-done = bf16[8,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
   %slice-start = ((bf16[4,8,128]{2,1,0:T(8,128)(2,1)}), bf16[1,8,128]{2,1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) slice-start(%p1), slice={[0:1], [0:8], [0:128]}
-  %fusion = f32[8,128]{1,0:T(8,128)} fusion(%copy-done, %p0), kind=kLoop, calls=%fused, metadata={op_name="jit(f)/transpose(jvp(f))/convert_element_type"}
+  %fusion = f32[8,128]{1,0:T(8,128)} fusion(%copy-done, %p0), kind=kLoop, calls=%fused, metadata={op_name="jit(f)/transpose(jvp(f))/convert_element_type"}, backend_config={"window_config":{"estimated_cycles":"1500"}}
   ROOT %bitcast = f32[8,128]{1,0:T(8,128)} bitcast(%fusion)
 }
 """
@@ -108,13 +108,17 @@ ENTRY %main.9 (p0: bf16[8,128], p1: bf16[4,8,128]) -> f32[8,128] {
 
 def test_hlo_bytes_counts_hbm_operands_and_prefetches_in_closed_form():
     """`benchmarks/hlo_bytes.py` on a hand-written TPU HLO: a prefetch counts its source, an async
-    slice the slice it lands in VMEM, a fusion its HBM operand and result but not its VMEM one."""
+    slice the slice it lands in VMEM, a fusion its HBM operand and result but not its VMEM one;
+    the compiler's cycle estimate from the backend config."""
     from benchmarks import hlo_bytes
 
     assert hlo_bytes.arrays("(f32[2,3]{1,0}, bf16[4]{0:S(1)})") == [(24, 0), (8, 1)]
     got = hlo_bytes.hbm_bytes(HLO)
     assert got == {("forward", "copy-start", ""): 8 * 128 * 2, ("forward", "slice-start", ""): 8 * 128 * 2,
                    ("backward", "fusion/kLoop", "convert_element_type"): 8 * 128 * 2 + 8 * 128 * 4}
+    # The compiler's own estimate: only the instruction that carries one.
+    assert hlo_bytes.compiler_cycles(HLO) == {("forward", "copy-start", ""): 0, ("forward", "slice-start", ""): 0,
+                                              ("backward", "fusion/kLoop", "convert_element_type"): 1500}
 
 
 _WIDE = """

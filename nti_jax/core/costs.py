@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -114,6 +115,7 @@ def costs(fn: Callable, args: tuple, mesh, hlo_path: str = "") -> dict:
         compiled = jax.jit(fn).lower(*args).compile()
         jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
     if hlo_path:
+        os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
         with open(hlo_path, "w") as f:
             f.write(compiled.as_text())
     xla, corr = xla_cost(compiled), flash_correction(jaxpr, mesh)
