@@ -7,10 +7,11 @@ default) a half-precision layer normalises in float32 through `_mixed`, whose gr
 out (`jax.custom_vjp`): it keeps the layer's input in its own dtype and two small statistics, and
 its backward is two passes over the input and the incoming gradient. Autodiff of the same
 forward, on a TPU, split a GroupNorm's channels into (groups, channels / group) layouts and
-materialised float32 copies (`benchmarks/RESULTS.md`, "The norms' backward and unpadded heads"). Without the policy the
-normalisation runs in the layer's dtype. In float32 the operations are flax's own, in flax's order:
-(x - mean) * (rsqrt(var + eps) * scale) + bias with var = E[x^2] - E[x]^2. Parameters are flax's
-("scale", "bias", float32), so weights convert unchanged.
+materialised float32 copies (`benchmarks/RESULTS.md`, "The norms' backward and unpadded
+heads"). Without the policy the normalisation runs in the layer's dtype. In float32 the
+operations are flax's own, in flax's order: (x - mean) * (rsqrt(var + eps) * scale) + bias with
+var = E[x^2] - E[x]^2. Parameters are flax's ("scale", "bias", float32), so weights convert
+unchanged.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def _row_sum(v: jax.Array, groups: int | None) -> jax.Array:
 
 
 def _row_size(shape: tuple, groups: int | None) -> int:
+    """How many elements one normalisation row of a (B, ..., C) input holds."""
     if groups is None:
         return shape[-1]
     return math.prod(shape[1:-1]) * (shape[-1] // groups)
